@@ -1,0 +1,268 @@
+"""The design of a CIFAR ResNet as plain data, and its exact cost.
+
+This module does not import torch: it is what lets the CLI, the config loader and the
+architecture search count parameters and multiply-accumulates (MACs) without allocating a
+single weight. ``cerberus.model.build_model`` turns an :class:`Architecture` into modules whose
+``numel()`` sum equals :func:`count_params` exactly (the tests check this on random designs).
+
+Semantics (the seed project's ResNet family):
+
+* input 3x32x32; stem: conv 3x3, stride 1, padding 1, no bias, ``stem_channels`` outputs,
+  then BatchNorm and ReLU;
+* stage i holds ``blocks[i]`` basic blocks of width ``channels[i]``; the first block of every
+  stage after the first has stride 2 (so the feature map side halves per stage);
+* basic block: conv FxF (padding F//2, stride s) - BN - ReLU - conv FxF - BN, plus a shortcut
+  that is the identity when s == 1 and widths match, else conv KxK (stride s, padding K//2) - BN;
+* head: average pool with kernel = stride = P, flatten, linear with bias.
+
+MACs count the multiply-accumulates of convolutions and the linear layer for one image; BatchNorm,
+ReLU, the residual additions and pooling are left out, as is usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from cerberus.errors import BudgetError, ConfigError
+
+INPUT_SIDE = 32  # CIFAR images are 32x32
+INPUT_CHANNELS = 3
+STEM_KERNEL = 3
+MAX_STAGES = 6  # 32 -> 16 -> 8 -> 4 -> 2 -> 1: a seventh stage would have nothing to halve
+
+
+def default_channels(num_stages: int, base: int = 64) -> tuple[int, ...]:
+    """Widths ``base * 2**i`` for each stage: 64, 128, 256, ... by default."""
+    return tuple(base * 2**i for i in range(num_stages))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One ResNet design. ``None`` fields take their documented defaults."""
+
+    blocks: tuple[int, ...] = (3, 5, 3)  # basic blocks per stage (B); N = len(blocks)
+    channels: tuple[int, ...] | None = None  # width per stage (C); default 64 * 2**i
+    conv_kernel: int = 3  # F: kernel side of the convs inside blocks, odd
+    skip_kernel: int = 1  # K: kernel side of projection shortcuts, odd
+    pool_size: int | None = None  # P: average-pool kernel and stride; default global pooling
+    stem_channels: int | None = None  # stem conv width; default channels[0]
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Stage widths with the default applied."""
+        return self.channels if self.channels is not None else default_channels(len(self.blocks))
+
+    @property
+    def stem_width(self) -> int:
+        return self.stem_channels if self.stem_channels is not None else self.widths[0]
+
+    @property
+    def final_side(self) -> int:
+        """Side of the last stage's feature map (each later stage halves, rounding up)."""
+        side = INPUT_SIDE
+        for _ in range(len(self.blocks) - 1):
+            side = (side + 1) // 2
+        return side
+
+    @property
+    def pool(self) -> int:
+        """Average-pool size with the default (global pooling) applied."""
+        return self.pool_size if self.pool_size is not None else self.final_side
+
+    @property
+    def head_features(self) -> int:
+        """Inputs of the linear layer: channels[-1] * (side / P)**2."""
+        return self.widths[-1] * (self.final_side // self.pool) ** 2
+
+    def to_dict(self) -> dict:
+        """The design with defaults resolved, as JSON-ready data."""
+        data = asdict(self)
+        data.update(
+            blocks=list(self.blocks),
+            channels=list(self.widths),
+            pool_size=self.pool,
+            stem_channels=self.stem_width,
+        )
+        return data
+
+    def label(self) -> str:
+        """A compact one-line name, e.g. ``B[3,5,3] C[64,128,256] F3 K1 P8``."""
+        blocks = ",".join(map(str, self.blocks))
+        widths = ",".join(map(str, self.widths))
+        return f"B[{blocks}] C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool}"
+
+
+def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:
+    """Every structural problem of a design, as ``(field, message)`` pairs; empty when sound."""
+    problems: list[tuple[str, str]] = []
+    n = len(arch.blocks)
+    if n == 0:
+        return [("blocks", "needs at least one stage")]
+    if n > MAX_STAGES:
+        problems.append(
+            (
+                "blocks",
+                f"{n} stages do not fit a {INPUT_SIDE}-pixel input: each stage after the first "
+                f"halves the feature map, so at most {MAX_STAGES} stages",
+            )
+        )
+    if any(b < 1 for b in arch.blocks):
+        problems.append(("blocks", f"every stage needs at least 1 block, got {list(arch.blocks)}"))
+    if arch.channels is not None:
+        if len(arch.channels) != n:
+            problems.append(
+                (
+                    "channels",
+                    f"has {len(arch.channels)} entries but blocks has {n}: give one width per stage",
+                )
+            )
+        if any(c < 1 for c in arch.channels):
+            problems.append(("channels", f"widths must be positive, got {list(arch.channels)}"))
+    for name, value in (("conv_kernel", arch.conv_kernel), ("skip_kernel", arch.skip_kernel)):
+        if value < 1 or value % 2 == 0:
+            problems.append((name, f"must be a positive odd number, got {value}"))
+    if arch.stem_channels is not None and arch.stem_channels < 1:
+        problems.append(("stem_channels", f"must be positive, got {arch.stem_channels}"))
+    if arch.num_classes < 1:
+        problems.append(("num_classes", f"must be positive, got {arch.num_classes}"))
+    if arch.pool_size is not None and not problems:
+        side = arch.final_side
+        if arch.pool_size < 1 or arch.pool_size > side or side % arch.pool_size:
+            divisors = [d for d in range(1, side + 1) if side % d == 0]
+            problems.append(
+                (
+                    "pool_size",
+                    f"{arch.pool_size} must divide the final {side}x{side} feature map "
+                    f"(choose one of {divisors})",
+                )
+            )
+    return problems
+
+
+def check_architecture(arch: Architecture) -> Architecture:
+    """Raise :class:`ConfigError` naming the first problem; return the design when sound."""
+    problems = architecture_problems(arch)
+    if problems:
+        name, message = problems[0]
+        raise ConfigError(f"model.{name}: {message}")
+    return arch
+
+
+# --------------------------------------------------------------------------------------------
+# Counting. Each function mirrors one module of cerberus.model; keep them in step.
+
+
+def _conv_bn_params(cin: int, cout: int, kernel: int) -> int:
+    return kernel * kernel * cin * cout + 2 * cout  # conv without bias + BN weight and bias
+
+
+def _block_params(cin: int, cout: int, stride: int, f: int, k: int) -> int:
+    params = _conv_bn_params(cin, cout, f) + _conv_bn_params(cout, cout, f)
+    if stride != 1 or cin != cout:
+        params += _conv_bn_params(cin, cout, k)
+    return params
+
+
+def _stages(arch: Architecture):
+    """Yield ``(stage_index, [(cin, cout, stride, out_side), ...])`` for every stage."""
+    cin, side = arch.stem_width, INPUT_SIDE
+    for i, (num_blocks, width) in enumerate(zip(arch.blocks, arch.widths)):
+        blocks = []
+        for j in range(num_blocks):
+            stride = 2 if (i > 0 and j == 0) else 1
+            side = (side + 1) // 2 if stride == 2 else side
+            blocks.append((cin, width, stride, side))
+            cin = width
+        yield i, blocks
+
+
+def stage_params(arch: Architecture) -> list[int]:
+    """Parameters of each stage (its blocks, shortcuts included)."""
+    f, k = arch.conv_kernel, arch.skip_kernel
+    return [
+        sum(_block_params(cin, cout, s, f, k) for cin, cout, s, _ in blocks) for _, blocks in _stages(arch)
+    ]
+
+
+def stem_params(arch: Architecture) -> int:
+    return _conv_bn_params(INPUT_CHANNELS, arch.stem_width, STEM_KERNEL)
+
+
+def head_params(arch: Architecture) -> int:
+    return arch.head_features * arch.num_classes + arch.num_classes
+
+
+def count_params(arch: Architecture) -> int:
+    """Exact number of trainable parameters (BatchNorm running statistics are buffers)."""
+    return stem_params(arch) + sum(stage_params(arch)) + head_params(arch)
+
+
+def stage_macs(arch: Architecture) -> list[int]:
+    """Multiply-accumulates per image for each stage."""
+    f2, k2 = arch.conv_kernel**2, arch.skip_kernel**2
+    totals = []
+    for _, blocks in _stages(arch):
+        macs = 0
+        for cin, cout, stride, side in blocks:
+            pixels = side * side
+            macs += pixels * f2 * cout * (cin + cout)  # both convs of the block
+            if stride != 1 or cin != cout:
+                macs += pixels * k2 * cin * cout
+        totals.append(macs)
+    return totals
+
+
+def count_macs(arch: Architecture) -> int:
+    """Multiply-accumulates of one forward pass of one image (convs and the linear layer)."""
+    stem = INPUT_SIDE * INPUT_SIDE * STEM_KERNEL**2 * INPUT_CHANNELS * arch.stem_width
+    return stem + sum(stage_macs(arch)) + arch.head_features * arch.num_classes
+
+
+def budget_verdict(params: int, budget: int) -> str:
+    """``81,398 under the 5,000,000 budget`` or ``over the 5,000,000 budget by 6,173,962``."""
+    if params <= budget:
+        return f"{budget - params:,} under the {budget:,} budget"
+    return f"over the {budget:,} budget by {params - budget:,}"
+
+
+def check_budget(arch: Architecture, budget: int) -> int:
+    """Return the parameter count, or raise :class:`BudgetError` when it exceeds ``budget``."""
+    params = count_params(arch)
+    if params > budget:
+        raise BudgetError(f"model has {params:,} parameters, {budget_verdict(params, budget)}")
+    return params
+
+
+def summarize(arch: Architecture, budget: int) -> dict:
+    """Parameters and MACs of a design, in total and per part, with the budget verdict."""
+    params = count_params(arch)
+    stages = []
+    for (i, blocks), p, m in zip(_stages(arch), stage_params(arch), stage_macs(arch)):
+        stages.append(
+            {
+                "stage": i + 1,
+                "blocks": len(blocks),
+                "channels": blocks[0][1],
+                "side": blocks[-1][3],
+                "params": p,
+                "macs": m,
+            }
+        )
+    return {
+        "architecture": arch.to_dict(),
+        "params": params,
+        "budget": budget,
+        "within_budget": params <= budget,
+        "headroom": budget - params,
+        "verdict": budget_verdict(params, budget),
+        "macs": count_macs(arch),
+        "stem_params": stem_params(arch),
+        "head_params": head_params(arch),
+        "stages": stages,
+    }

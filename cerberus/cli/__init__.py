@@ -1,0 +1,20 @@
+"""The ``cerberus`` command line: parse, call one library function, render.
+
+The CLI package is the only code that prints. Library errors
+(:class:`cerberus.errors.CerberusError`) become ``Error: <message>`` on stderr and the error's
+exit code, never a traceback. Heavy imports (torch above all) happen inside commands, so
+``--help`` stays fast. Each command lives in its own module and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+from cerberus.cli import count  # noqa: F401  (registers the command)
+from cerberus.cli._app import app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="cerberus")
+
+
+__all__ = ["app", "main"]

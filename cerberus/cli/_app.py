@@ -1,0 +1,105 @@
+"""The Typer app and the plumbing every command shares (errors, JSON, list options)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from cerberus import __version__
+from cerberus.errors import CerberusError
+
+app = typer.Typer(
+    name="cerberus",
+    help="Design, train and evaluate CIFAR-10 ResNets under a hard parameter budget.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing shared by every command
+
+
+class MultiValueCommand(TyperCommand):
+    """Accept ``--blocks 3 5 3`` as well as ``--blocks 3 --blocks 5 --blocks 3``.
+
+    Click options take a fixed number of values; list options are repeatable. Before parsing,
+    integers that follow a list option are rewritten into repeated options.
+    """
+
+    multi_value_options = ("--blocks", "--channels")
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        expanded: list[str] = []
+        current, awaiting = None, False  # the list option being read; no value seen yet
+        for token in args:
+            if token in self.multi_value_options:
+                if awaiting:
+                    expanded.append(current)  # no value followed: let click report it
+                current, awaiting = token, True
+                continue
+            if current is not None and re.fullmatch(r"-?\d+", token):
+                expanded += [current, token]
+                awaiting = False
+                continue
+            if awaiting:
+                expanded.append(current)
+            current, awaiting = None, False
+            expanded.append(token)
+        if awaiting:
+            expanded.append(current)
+        return super().parse_args(ctx, expanded)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handle_errors(command):
+    """Turn library errors into one short message and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CerberusError as err:
+            raise fail(str(err), err.exit_code) from None
+
+    return wrapper
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cerberus {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Design, train and evaluate CIFAR-10 ResNets under a hard parameter budget.
+
+    Start with `cerberus count-params --blocks 3 5 3`, then `cerberus train CONFIG.toml`.
+    """

@@ -1,0 +1,107 @@
+"""``cerberus count-params``: exact parameter count, MACs and the budget verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors
+
+_FLAG_NAMES = {
+    "blocks": "--blocks",
+    "channels": "--channels",
+    "conv_kernel": "--conv-kernel",
+    "skip_kernel": "--skip-kernel",
+    "pool_size": "--pool-size",
+    "stem_channels": "--stem-channels",
+    "num_classes": "--num-classes",
+}
+
+
+@app.command("count-params", cls=MultiValueCommand)
+@handle_errors
+def count_params_command(
+    config: Annotated[
+        Path | None, typer.Argument(help="A config file to read [model] from, instead of flags.")
+    ] = None,
+    blocks: Annotated[list[int] | None, typer.Option(help="Blocks per stage, e.g. --blocks 3 5 3.")] = None,
+    channels: Annotated[list[int] | None, typer.Option(help="Width per stage [default: 64 * 2**i].")] = None,
+    conv_kernel: Annotated[int, typer.Option(help="Kernel side F of block convs (odd).")] = 3,
+    skip_kernel: Annotated[int, typer.Option(help="Kernel side K of projection shortcuts.")] = 1,
+    pool_size: Annotated[
+        int | None, typer.Option(help="Average-pool size P [default: global pooling].")
+    ] = None,
+    stem_channels: Annotated[
+        int | None, typer.Option(help="Stem width [default: first stage's width].")
+    ] = None,
+    num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
+    max_params: Annotated[
+        int | None, typer.Option(help="Parameter budget [default: 5,000,000 or the config's].")
+    ] = None,
+    summary: Annotated[bool, typer.Option("--summary", help="Add torchinfo's layer table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Count a design's parameters exactly and check them against the budget.
+
+    Nothing is allocated: the count is analytic and matches the built model exactly.
+
+    Examples:
+
+      cerberus count-params --blocks 3 5 3
+
+      cerberus count-params --blocks 2 2 2 2 --channels 64 128 256 512 --json
+
+      cerberus count-params configs/resnet24.toml --summary
+    """
+    from cerberus.arch import Architecture, architecture_problems, summarize
+
+    flags_given = any(v is not None for v in (blocks, channels, pool_size, stem_channels)) or (
+        conv_kernel,
+        skip_kernel,
+        num_classes,
+    ) != (3, 1, 10)
+    if config is not None:
+        if flags_given:
+            raise fail("give either a config file or design flags (--blocks ...), not both", 2)
+        from cerberus.config import load_config
+
+        model = load_config(config, enforce_budget=False).model
+        arch, budget = model.architecture(), model.max_params
+    else:
+        arch = Architecture(
+            blocks=tuple(blocks) if blocks else (3, 5, 3),
+            channels=tuple(channels) if channels else None,
+            conv_kernel=conv_kernel,
+            skip_kernel=skip_kernel,
+            pool_size=pool_size,
+            stem_channels=stem_channels,
+            num_classes=num_classes,
+        )
+        problems = architecture_problems(arch)
+        if problems:
+            name, message = problems[0]
+            raise fail(f"{_FLAG_NAMES[name]}: {message}", 2)
+        budget = 5_000_000
+    if max_params is not None:
+        if max_params <= 0:
+            raise fail(f"--max-params: must be positive, got {max_params}", 2)
+        budget = max_params
+
+    result = summarize(arch, budget)
+    if as_json:
+        emit_json(result)
+        return
+    from cerberus.report import params_table
+
+    out = console()
+    out.print(params_table(result))
+    out.print(f"parameters: {result['params']:,}")
+    out.print(f"MACs/image: {result['macs']:,}")
+    mark = "[green]within budget[/]" if result["within_budget"] else "[red]OVER BUDGET[/]"
+    out.print(f"budget:     {mark}: {result['verdict']}")
+    if summary:
+        from cerberus.report import layer_summary
+
+        out.print(layer_summary(arch), markup=False)

@@ -1,0 +1,340 @@
+"""Experiment configs: a pydantic schema, TOML loading, ``--set`` overrides, the budget check.
+
+A TOML file becomes one :class:`ExperimentConfig`. Every field has a default, a unit where one
+applies, and a description; unknown keys are errors that name the key. Cross-field checks (stage
+lengths, odd kernels, pool size, the parameter budget) run when the config is loaded, before any
+data is read or any weight allocated. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cerberus.arch import Architecture, architecture_problems, check_budget
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from cerberus.errors import BudgetError, ConfigError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the seed project's normalisation constants
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """``[model]``: the architecture (see cerberus.arch for exact semantics) and its budget."""
+
+    blocks: list[int] = Field(
+        default=[3, 5, 3], min_length=1, description="Basic blocks per stage (B); N = len(blocks)."
+    )
+    channels: list[int] | None = Field(
+        default=None, description="Width of each stage (C). Default: 64 * 2**i."
+    )
+    conv_kernel: int = Field(default=3, description="Kernel side F of the convs in blocks (odd).")
+    skip_kernel: int = Field(default=1, description="Kernel side K of projection shortcuts (odd).")
+    pool_size: int | None = Field(
+        default=None,
+        description="Average-pool kernel and stride P, pixels. Default: the final map's side.",
+    )
+    stem_channels: int | None = Field(
+        default=None, description="Output channels of the stem conv. Default: channels[0]."
+    )
+    num_classes: int = Field(default=10, gt=0, description="Number of output classes.")
+    max_params: int = Field(
+        default=5_000_000, gt=0, description="Parameter budget: larger models are refused."
+    )
+
+    def architecture(self) -> Architecture:
+        return Architecture(
+            blocks=tuple(self.blocks),
+            channels=tuple(self.channels) if self.channels is not None else None,
+            conv_kernel=self.conv_kernel,
+            skip_kernel=self.skip_kernel,
+            pool_size=self.pool_size,
+            stem_channels=self.stem_channels,
+            num_classes=self.num_classes,
+        )
+
+    @model_validator(mode="after")
+    def _check_design(self) -> ModelConfig:
+        problems = architecture_problems(self.architecture())
+        if problems:
+            raise ValueError("; ".join(f"{name}: {message}" for name, message in problems))
+        return self
+
+
+class DataConfig(Section):
+    """``[data]``: where CIFAR-10 lives, and which images train, validate and test."""
+
+    root: str | None = Field(
+        default=None,
+        description="Folder holding cifar-10-batches-py/. Default: $CERBERUS_DATA, then a "
+        "per-user cache folder.",
+    )
+    download: bool = Field(default=True, description="Download CIFAR-10 when it is absent.")
+    url: str | None = Field(
+        default=None,
+        description="Mirror of cifar-10-python.tar.gz (file:// allowed). Default: "
+        "$CERBERUS_CIFAR10_URL, then the official address.",
+    )
+    val_size: int = Field(
+        default=5000,
+        ge=0,
+        description="Training images held out for validation (stratified, fixed seed); 0 = none.",
+    )
+    split_seed: int = Field(
+        default=0, description="Seed of the validation split, independent of the training seed."
+    )
+    train_subset: int = Field(
+        default=0,
+        ge=0,
+        description="Use only the first N training images, before the validation split; 0 = all.",
+    )
+    test_subset: int = Field(default=0, ge=0, description="Use only the first N test images; 0 = all.")
+    mean: list[float] = Field(
+        default=list(CIFAR10_MEAN), min_length=3, max_length=3, description="Per-channel mean."
+    )
+    std: list[float] = Field(
+        default=list(CIFAR10_STD), min_length=3, max_length=3, description="Per-channel std."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std: every entry must be positive, got {self.std}")
+        if self.train_subset and self.val_size >= self.train_subset:
+            raise ValueError(
+                f"val_size ({self.val_size}) must be smaller than train_subset "
+                f"({self.train_subset}): nothing would be left to train on"
+            )
+        return self
+
+
+class AugmentConfig(Section):
+    """``[augment]``: batched augmentation on the training device. Default: crop 4 + flip."""
+
+    crop_padding: int = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description="Random crop after padding by this many pixels; 0 = off.",
+    )
+    crop_mode: Literal["zero", "reflect"] = Field(
+        default="zero", description="How the crop padding is filled."
+    )
+    flip: bool = Field(default=True, description="Random horizontal flip (probability 0.5).")
+    rotation: float = Field(
+        default=0.0,
+        ge=0,
+        le=45,
+        description="Random rotation up to +/- this many degrees; 0 = off.",
+    )
+    cutout_size: int = Field(default=0, ge=0, le=32, description="Cutout square side, pixels; 0 = off.")
+    cutout_holes: int = Field(default=1, ge=1, description="Cutout squares per image.")
+    mixup_alpha: float = Field(default=0.0, ge=0, description="Mixup Beta(alpha, alpha); 0 = off.")
+    cutmix_alpha: float = Field(default=0.0, ge=0, description="CutMix Beta(alpha, alpha); 0 = off.")
+    mix_prob: float = Field(
+        default=1.0, ge=0, le=1, description="Probability that a batch gets mixup or cutmix."
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=1, description="Label smoothing of the training loss."
+    )
+
+
+class TrainConfig(Section):
+    """``[train]``: optimisation, schedule, precision and device."""
+
+    epochs: int = Field(default=30, gt=0, description="Passes over the training images.")
+    batch_size: int = Field(default=128, gt=0, description="Global batch size, images per step.")
+    eval_batch_size: int = Field(default=1000, gt=0, description="Images per evaluation batch.")
+    optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="Optimizer.")
+    lr: float = Field(default=0.1, gt=0, description="Peak learning rate (per step).")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
+    nesterov: bool = Field(default=False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(default=5e-4, ge=0, description="Weight decay (L2 for SGD).")
+    decay_bn_and_bias: bool = Field(
+        default=True, description="Apply weight decay to BatchNorm and bias parameters too."
+    )
+    schedule: Literal["constant", "cosine", "step", "onecycle", "seed"] = Field(
+        default="cosine",
+        description="LR schedule: cosine to min_lr; step (milestones, gamma); onecycle "
+        "(linear up then down); seed (cosine with period t_max combined with x gamma steps).",
+    )
+    warmup_epochs: float = Field(default=0.0, ge=0, description="Linear warmup, epochs.")
+    milestones: list[int] = Field(default=[], description="Epochs at which step/seed multiply by gamma.")
+    gamma: float = Field(default=0.1, gt=0, description="Factor applied at each milestone.")
+    t_max: int | None = Field(
+        default=None, gt=0, description="Cosine period in epochs (seed schedule). Default: epochs."
+    )
+    min_lr: float = Field(default=0.0, ge=0, description="Final LR of the cosine schedule.")
+    onecycle_peak: float = Field(
+        default=0.25, gt=0, lt=1, description="Fraction of training at which onecycle peaks."
+    )
+    ema_decay: float = Field(default=0.0, ge=0, lt=1, description="EMA of the weights per step; 0 = off.")
+    grad_clip: float = Field(default=0.0, ge=0, description="Clip gradient norm to this; 0 = off.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="Autocast precision; auto picks the fastest the device has."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
+    channels_last: bool | None = Field(
+        default=None, description="channels_last memory format. Default: on where it is faster."
+    )
+    compile: bool = Field(default=False, description="torch.compile the model (opt-in).")
+    threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = torch's default.")
+    sync_bn: bool = Field(default=False, description="SyncBatchNorm under torch.distributed.")
+    test_every_epoch: bool = Field(
+        default=False,
+        description="Also evaluate the test set each epoch (a curve only; never used to select).",
+    )
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="Also write last.pt every N steps within an epoch; 0 = off."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if self.milestones != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise ValueError(f"milestones must be positive and increasing, got {self.milestones}")
+        return self
+
+
+class ExperimentConfig(BaseModel):
+    """One experiment: a name, a seed, and the four sections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="cerberus", min_length=1, description="Run name (run folder prefix).")
+    seed: int = Field(default=0, description="Seed of initialisation, shuffling and augmentation.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for TOML/JSON: fields left at ``None`` are omitted (TOML has no null)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"])
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.05"`` -> ``(["train", "lr"], 0.05)``; values are TOML, bare words strings."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.05")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not re.fullmatch(r"[\w.\-/:+]*", raw) or raw == "":
+            raise ConfigError(f"--set {text!r}: {raw!r} is not a valid TOML value") from None
+        value = raw  # a bare word such as a run name or a path
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides to nested config data (a copy is returned)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(
+    data: dict[str, Any], *, source: str = "config", enforce_budget: bool = True
+) -> ExperimentConfig:
+    """Validate plain data into a config; the budget is checked too unless told otherwise."""
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid config\n{_format_validation_error(err)}") from None
+    if not enforce_budget:
+        return config
+    try:
+        check_budget(config.model.architecture(), config.model.max_params)
+    except BudgetError as err:
+        raise BudgetError(f"{source}: {err}") from None
+    return config
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; errors name the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the config file (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected UTF-8 TOML)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the config file is empty")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        message = str(err)
+        match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        line = getattr(err, "lineno", None) or (int(match.group(1)) if match else None)
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
+        message = message if message else "invalid TOML"
+        where = f"{path}:{line}" if line else f"{path}"
+        raise ConfigError(f"{where}: TOML syntax error: {message}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    enforce_budget: bool = True,
+) -> ExperimentConfig:
+    """Read, override and validate a config. ``path=None`` starts from the defaults."""
+    data = read_toml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path is not None else "config"
+    return config_from_dict(data, source=source, enforce_budget=enforce_budget)

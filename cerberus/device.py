@@ -1,0 +1,102 @@
+"""Device, precision and memory layout: the fastest the hardware has, or what the config says.
+
+* device ``auto``: CUDA, then Apple MPS, then the CPU.
+* precision ``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX;
+  fp16 with a gradient scaler on GPUs with fp16 but no bf16; fp32 otherwise.
+* channels_last (NHWC) for the convolutions wherever a reduced precision is used (oneDNN and
+  cuDNN pick their fastest kernels for it), unless the config says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cerberus.errors import ConfigError
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN runs bf16 convolutions natively on these."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was asked for, but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device: 'mps' was asked for, but Apple MPS is not available")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for ``device``; ``auto`` picks the fastest available."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise ConfigError("train.precision: fp16 is not supported on the CPU; use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs: device, autocast precision, memory layout."""
+
+    device: torch.device
+    precision: str  # "fp32" | "bf16" | "fp16"
+    channels_last: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for the forward pass (a no-op context in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    def describe(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.device.type} {self.precision} {layout}"
+
+
+def resolve_placement(
+    device: str = "auto", precision: str = "auto", channels_last: bool | None = None
+) -> Placement:
+    """Resolve the config's ``auto`` choices for this machine."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if channels_last is None:
+        channels_last = prec != "fp32" or dev.type == "cuda"
+    return Placement(dev, prec, channels_last)

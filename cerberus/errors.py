@@ -1,0 +1,39 @@
+"""One exception family. Messages are written for the person at the terminal.
+
+The CLI turns any :class:`CerberusError` into ``Error: <message>`` on stderr and exits with
+the class's ``exit_code``; nothing below the CLI prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class CerberusError(Exception):
+    """Base class of every error Cerberus reports to a user."""
+
+    exit_code = 1
+
+
+class ConfigError(CerberusError):
+    """A config, override or command-line design that cannot be used (exit code 2)."""
+
+    exit_code = 2
+
+
+class BudgetError(ConfigError):
+    """The architecture has more parameters than the budget allows."""
+
+
+class DataError(CerberusError):
+    """The dataset is missing, partial, corrupt, or could not be downloaded."""
+
+
+class CheckpointError(CerberusError):
+    """A checkpoint or weights file that cannot be read, verified or trusted."""
+
+
+class DivergenceError(CerberusError):
+    """Training produced a non-finite loss."""
+
+
+class RunLockedError(CerberusError):
+    """Another process is writing to the same run directory."""

@@ -1,0 +1,60 @@
+"""Renderables and files that present results: rich tables, plots, the torchinfo summary.
+
+Builders return objects (rich renderables, strings, paths); only the CLI prints them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def params_table(summary: dict[str, Any]) -> Table:
+    """Per-part parameters and MACs of :func:`cerberus.arch.summarize`'s result."""
+    arch = summary["architecture"]
+    table = Table(title=f"ResNet {arch['blocks']} x {arch['channels']}", title_justify="left")
+    table.add_column("part")
+    table.add_column("blocks", justify="right")
+    table.add_column("channels", justify="right")
+    table.add_column("output", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_row("stem", "", str(arch["stem_channels"]), "32x32", f"{summary['stem_params']:,}", "")
+    for stage in summary["stages"]:
+        side = stage["side"]
+        table.add_row(
+            f"layer{stage['stage']}",
+            str(stage["blocks"]),
+            str(stage["channels"]),
+            f"{side}x{side}",
+            f"{stage['params']:,}",
+            f"{stage['macs']:,}",
+        )
+    table.add_row(
+        "head",
+        "",
+        f"pool {arch['pool_size']}",
+        str(arch["num_classes"]),
+        f"{summary['head_params']:,}",
+        "",
+    )
+    table.add_section()
+    table.add_row("total", "", "", "", f"{summary['params']:,}", f"{summary['macs']:,}")
+    return table
+
+
+def layer_summary(arch) -> str:
+    """torchinfo's layer table for one 3x32x32 image (builds the model on the CPU)."""
+    import torchinfo
+
+    from cerberus.model import build_model
+
+    stats = torchinfo.summary(
+        build_model(arch),
+        input_size=(1, 3, 32, 32),
+        col_names=("output_size", "num_params", "mult_adds"),
+        depth=3,
+        verbose=0,
+    )
+    return str(stats)
