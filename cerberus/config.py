@@ -26,10 +26,12 @@ from cerberus.errors import BudgetError, ConfigError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the seed project's normalisation constants
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_TRAIN_IMAGES = 50_000  # size of the official training set
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are valid TOML floats but never a usable setting (lr = inf, mean = [nan, ...])
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -117,6 +119,11 @@ class DataConfig(Section):
             raise ValueError(
                 f"val_size ({self.val_size}) must be smaller than train_subset "
                 f"({self.train_subset}): nothing would be left to train on"
+            )
+        if self.val_size >= CIFAR10_TRAIN_IMAGES:
+            raise ValueError(
+                f"val_size ({self.val_size}) must be smaller than the {CIFAR10_TRAIN_IMAGES:,} "
+                "training images: nothing would be left to train on"
             )
         return self
 
@@ -256,7 +263,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.05")
     raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        parsed = tomllib.loads(f"v = {raw}")
+        if list(parsed) != ["v"]:  # e.g. "1\n[x]": more than one value; never drop the rest silently
+            raise ConfigError(f"--set {text!r}: {raw!r} is not a single TOML value")
+        value = parsed["v"]
     except tomllib.TOMLDecodeError:
         if not re.fullmatch(r"[\w.\-/:+]*", raw) or raw == "":
             raise ConfigError(f"--set {text!r}: {raw!r} is not a valid TOML value") from None
@@ -286,7 +296,8 @@ def config_from_dict(
 ) -> ExperimentConfig:
     """Validate plain data into a config; the budget is checked too unless told otherwise."""
     try:
-        config = ExperimentConfig.model_validate(data)
+        # strict: TOML values are typed, so "30" for epochs or ["3"] for blocks is a mistake
+        config = ExperimentConfig.model_validate(data, strict=True)
     except ValidationError as err:
         raise ConfigError(f"{source}: invalid config\n{_format_validation_error(err)}") from None
     if not enforce_budget:

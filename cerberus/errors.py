@@ -37,3 +37,11 @@ class DivergenceError(CerberusError):
 
 class RunLockedError(CerberusError):
     """Another process is writing to the same run directory."""
+
+
+class Interrupted(CerberusError):
+    """Training stopped on SIGINT or SIGTERM after writing ``last.pt`` (exit 130 or 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

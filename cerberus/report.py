@@ -58,3 +58,32 @@ def layer_summary(arch) -> str:
         verbose=0,
     )
     return str(stats)
+
+
+def plot_curves(metrics: list[dict[str, Any]], path) -> None:
+    """Loss and accuracy against epoch (train, validation, EMA, and a labelled test curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    series = [
+        ("train", "train_loss", "train_accuracy"),
+        ("validation", "val_loss", "val_accuracy"),
+        ("validation (EMA)", "ema_val_loss", "ema_val_accuracy"),
+        ("test (curve only, not used for selection)", "curve_test_loss", "curve_test_accuracy"),
+    ]
+    for label, loss_key, acc_key in series:
+        if loss_key in metrics[0]:
+            ax_loss.plot(epochs, [m[loss_key] for m in metrics], marker=".", label=label)
+            ax_acc.plot(epochs, [m[acc_key] for m in metrics], marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -8,7 +8,7 @@ exit code, never a traceback. Heavy imports (torch above all) happen inside comm
 
 from __future__ import annotations
 
-from cerberus.cli import count  # noqa: F401  (registers the command)
+from cerberus.cli import count, evaluate, search, train  # noqa: F401  (each registers its command)
 from cerberus.cli._app import app
 
 

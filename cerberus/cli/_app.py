@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 from typer.core import TyperCommand
@@ -31,21 +31,26 @@ class MultiValueCommand(TyperCommand):
     """Accept ``--blocks 3 5 3`` as well as ``--blocks 3 --blocks 5 --blocks 3``.
 
     Click options take a fixed number of values; list options are repeatable. Before parsing,
-    integers that follow a list option are rewritten into repeated options.
+    the values that follow a list option (integers for ``--blocks``/``--channels``, ``KEY=VALUE``
+    for ``--set``) are rewritten into repeated options.
     """
 
-    multi_value_options = ("--blocks", "--channels")
+    value_patterns: ClassVar[dict[str, str]] = {
+        "--blocks": r"-?\d+",
+        "--channels": r"-?\d+",
+        "--set": r"[A-Za-z_][^=\s]*=.*",
+    }
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         expanded: list[str] = []
         current, awaiting = None, False  # the list option being read; no value seen yet
         for token in args:
-            if token in self.multi_value_options:
+            if token in self.value_patterns:
                 if awaiting:
                     expanded.append(current)  # no value followed: let click report it
                 current, awaiting = token, True
                 continue
-            if current is not None and re.fullmatch(r"-?\d+", token):
+            if current is not None and re.fullmatch(self.value_patterns[current], token):
                 expanded += [current, token]
                 awaiting = False
                 continue

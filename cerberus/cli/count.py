@@ -27,18 +27,18 @@ def count_params_command(
         Path | None, typer.Argument(help="A config file to read [model] from, instead of flags.")
     ] = None,
     blocks: Annotated[list[int] | None, typer.Option(help="Blocks per stage, e.g. --blocks 3 5 3.")] = None,
-    channels: Annotated[list[int] | None, typer.Option(help="Width per stage [default: 64 * 2**i].")] = None,
+    channels: Annotated[list[int] | None, typer.Option(help="Width per stage (default: 64 * 2**i).")] = None,
     conv_kernel: Annotated[int, typer.Option(help="Kernel side F of block convs (odd).")] = 3,
     skip_kernel: Annotated[int, typer.Option(help="Kernel side K of projection shortcuts.")] = 1,
     pool_size: Annotated[
-        int | None, typer.Option(help="Average-pool size P [default: global pooling].")
+        int | None, typer.Option(help="Average-pool size P (default: global pooling).")
     ] = None,
     stem_channels: Annotated[
-        int | None, typer.Option(help="Stem width [default: first stage's width].")
+        int | None, typer.Option(help="Stem width (default: the first stage's width).")
     ] = None,
     num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
     max_params: Annotated[
-        int | None, typer.Option(help="Parameter budget [default: 5,000,000 or the config's].")
+        int | None, typer.Option(help="Parameter budget (default: 5,000,000 or the config's).")
     ] = None,
     summary: Annotated[bool, typer.Option("--summary", help="Add torchinfo's layer table.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

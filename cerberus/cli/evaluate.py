@@ -1,0 +1,282 @@
+"""``cerberus eval`` and ``cerberus predict``: a weights file against the test set or a Kaggle file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cerberus.cli._app import MultiValueCommand, app, console, emit_json, handle_errors
+
+TrustPickle = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Load files that hold pickled Python objects (e.g. a whole nn.Module). "
+        "This can run arbitrary code: only for files you trust.",
+    ),
+]
+NoEma = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even where EMA weights exist.")]
+Tta = Annotated[bool, typer.Option("--tta", help="Average 4 views: identity, mirror, both shifted 2 pixels.")]
+Device = Annotated[
+    str | None, typer.Option(help="auto, cpu, cuda or mps (default: the checkpoint's, else auto).")
+]
+Precision = Annotated[
+    str | None, typer.Option(help="auto, fp32, bf16 or fp16 (default: the checkpoint's, else auto).")
+]
+BatchSize = Annotated[
+    int | None, typer.Option(help="Images per batch (default: the checkpoint's, else 1000).", min=1)
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress bar).")]
+
+
+def _warn_trust(path: Path) -> None:
+    typer.echo(
+        f"Warning: --trust-pickle: loading {path} may run any code stored in it; "
+        "use it only for files you trust.",
+        err=True,
+    )
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, description: str) -> Iterator[Any]:
+    """A rich progress bar on stderr; yields the ``progress(done, total)`` callback (or None)."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # started on the first batch, so errors before it print nothing else
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _render_eval(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = console()
+    arch = result["architecture"]
+    out.print(
+        f"{result['checkpoint']}: {result['params']:,} parameters, {result['weights']} weights "
+        f"(B{arch['blocks']} C{arch['channels']} F{arch['conv_kernel']} K{arch['skip_kernel']} "
+        f"P{arch['pool_size']})"
+    )
+    views = f", TTA over {result['views']} views" if result["tta"] else ""
+    out.print(
+        f"[bold]accuracy {result['accuracy']:.4f}[/] ({result['correct']:,}/{result['images']:,}), "
+        f"loss {result['loss']:.4f}{views}"
+    )
+    per_class = Table(title="per class", title_justify="left")
+    for column in ("class", "accuracy", "precision", "recall", "support"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for row in result["per_class"]:
+        per_class.add_row(
+            row["class"],
+            _fraction(row["accuracy"]),
+            _fraction(row["precision"]),
+            _fraction(row["recall"]),
+            str(row["support"]),
+        )
+    out.print(per_class)
+    classes = [row["class"] for row in result["per_class"]]
+    matrix = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    matrix.add_column("")
+    for name in classes:
+        matrix.add_column(name[:5], justify="right")
+    for name, counts in zip(classes, result["confusion_matrix"]):
+        matrix.add_row(name, *(str(c) for c in counts))
+    out.print(matrix)
+    layout = "channels_last" if result["channels_last"] else "NCHW"
+    out.print(
+        f"{result['images_per_sec']:,.0f} images/s ({result['seconds']:.2f}s) on {result['device']} "
+        f"{result['precision']} {layout}, batch {result['batch_size']}"
+    )
+
+
+@app.command("eval", cls=MultiValueCommand)
+@handle_errors
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A Cerberus checkpoint or a plain state_dict file.")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder holding cifar-10-batches-py/ (default: config, env, cache).")
+    ] = None,
+    test_subset: Annotated[
+        int | None, typer.Option(help="Only the first N test images; 0 = all (default: the checkpoint's).")
+    ] = None,
+    tta: Tta = False,
+    no_ema: NoEma = False,
+    trust_pickle: TrustPickle = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write confusion.png and eval.json into.")
+    ] = None,
+    device: Device = None,
+    precision: Precision = None,
+    batch_size: BatchSize = None,
+    blocks: Annotated[
+        list[int] | None, typer.Option(help="Plain state_dicts: blocks per stage (default: inferred).")
+    ] = None,
+    conv_kernel: Annotated[int | None, typer.Option(help="Plain state_dicts: block conv kernel F.")] = None,
+    skip_kernel: Annotated[
+        int | None, typer.Option(help="Plain state_dicts: shortcut kernel K (default: inferred, else 1).")
+    ] = None,
+    pool_size: Annotated[int | None, typer.Option(help="Plain state_dicts: average-pool size P.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Evaluate weights on the CIFAR-10 test set: accuracy, loss, per-class table, confusion matrix.
+
+    A Cerberus checkpoint is evaluated as its run was (same data settings, normalisation,
+    placement and batch size), so best.pt reproduces the run's test accuracy. Other weights files
+    (a state_dict of this ResNet family, possibly wrapped or with `module.` prefixes) have their
+    architecture inferred from the weights' shapes.
+
+    Examples:
+
+      cerberus eval runs/resnet24/best.pt
+
+      cerberus eval weights.pt --data-dir data --tta --out eval/
+
+      cerberus eval best.pt --test-subset 1000 --json
+    """
+    from cerberus.evaluate import confusion_plot, evaluate_checkpoint
+
+    if trust_pickle:
+        _warn_trust(checkpoint)
+    overrides = {
+        "blocks": tuple(blocks) if blocks else None,
+        "conv_kernel": conv_kernel,
+        "skip_kernel": skip_kernel,
+        "pool_size": pool_size,
+    }
+    with _progress_bar(not as_json, "evaluating") as progress:
+        result = evaluate_checkpoint(
+            checkpoint,
+            data_dir=data_dir,
+            test_subset=test_subset,
+            tta=tta,
+            use_ema=not no_ema,
+            trust_pickle=trust_pickle,
+            overrides=overrides,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    if out is not None:
+        from cerberus.checkpoint import write_atomic
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            classes = [row["class"] for row in result["per_class"]]
+            plot = confusion_plot(result["confusion_matrix"], classes, out / "confusion.png")
+            result["files"] = [str(plot), str(out / "eval.json")]
+            write_atomic(out / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as err:
+            from cerberus.errors import CerberusError
+
+            raise CerberusError(f"could not write into {out}: {err.strerror or err}") from None
+    if as_json:
+        emit_json(result)
+        return
+    _render_eval(result)
+    if out is not None:
+        console().print(f"wrote {', '.join(result['files'])}")
+
+
+@app.command("predict")
+@handle_errors
+def predict_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A Cerberus checkpoint or a plain state_dict file.")],
+    input_path: Annotated[
+        Path, typer.Option("--input", help="The Kaggle test pickle (cifar_test_nolabel(s).pkl).")
+    ],
+    output: Annotated[Path, typer.Option("--output", help="Submission CSV to write (ID,Labels).")],
+    layout: Annotated[
+        str | None,
+        typer.Option(help="Pixel order of the input: chw (N x 3072 rows) or hwc (default: from the shape)."),
+    ] = None,
+    probs: Annotated[
+        Path | None, typer.Option("--probs", help="Also write class probabilities to this CSV.")
+    ] = None,
+    tta: Tta = False,
+    no_ema: NoEma = False,
+    trust_pickle: TrustPickle = False,
+    device: Device = None,
+    precision: Precision = None,
+    batch_size: BatchSize = None,
+    as_json: AsJson = False,
+) -> None:
+    """Predict the Kaggle test images and write a submission CSV (ID,Labels; labels 0-9).
+
+    Both course layouts are read: N x 3072 channel-major rows (cifar_test_nolabels.pkl, 2024)
+    and N x 32 x 32 x 3 (cifar_test_nolabel.pkl, 2025). The pickle is read without running any
+    code it may hold.
+
+    Examples:
+
+      cerberus predict runs/resnet24/best.pt --input cifar_test_nolabel.pkl --output submission.csv
+
+      cerberus predict best.pt --input test.pkl --output sub.csv --tta --probs probs.csv
+    """
+    from cerberus.errors import ConfigError
+    from cerberus.kaggle import LAYOUTS, predict_unlabeled
+
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"--layout: choose {' or '.join(LAYOUTS)}, got {layout!r}")
+    if trust_pickle:
+        _warn_trust(checkpoint)
+    with _progress_bar(not as_json, "predicting") as progress:
+        result = predict_unlabeled(
+            checkpoint,
+            input_path,
+            output,
+            layout=layout,
+            probs_path=probs,
+            tta=tta,
+            use_ema=not no_ema,
+            trust_pickle=trust_pickle,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    if as_json:
+        emit_json(result)
+        return
+    out = console()
+    views = f", TTA over {result['views']} views" if result["tta"] else ""
+    out.print(
+        f"wrote {result['images']:,} predictions to {result['output']} "
+        f"(layout {result['layout']}{views}, {result['seconds']:.2f}s)"
+    )
+    if result["probs"]:
+        out.print(f"wrote probabilities to {result['probs']}")
+    counts = ", ".join(f"{name} {n}" for name, n in result["predicted_counts"].items())
+    out.print(f"predicted: {counts}")

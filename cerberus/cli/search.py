@@ -1,0 +1,373 @@
+"""``cerberus search``: enumerate a design space under the budget, or train trials with Optuna.
+
+Without ``--trials`` every design of the space is counted analytically and the best are listed
+(nothing is trained). With ``--trials N`` this process trains N short trials of a study kept in
+an Optuna storage: by default ``sqlite:///<out>/study.db``, resumable by running the same command
+again. Several processes or machines share one study through one storage, e.g. PostgreSQL::
+
+    cerberus search space.toml --trials 20 --study wide --storage postgresql://user:pw@dbhost/cerberus
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors
+
+
+class SortBy(str, Enum):
+    params = "params"
+    macs = "macs"
+
+
+class PrunerChoice(str, Enum):
+    hyperband = "hyperband"
+    halving = "halving"
+    none = "none"
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Enumeration
+
+
+def candidates_table(enumeration):
+    from rich.table import Table
+
+    shown = len(enumeration.candidates)
+    table = Table(
+        title=f"Top {shown} of {enumeration.within_budget:,} designs within the "
+        f"{enumeration.max_params:,}-parameter budget (by {enumeration.sort})",
+        title_justify="left",
+    )
+    for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "stem"):
+        table.add_column(name, justify="left" if name in ("blocks", "channels") else "right")
+    for rank, c in enumerate(enumeration.candidates, start=1):
+        a = c.architecture
+        table.add_row(
+            str(rank),
+            f"{c.params:,}",
+            f"{c.macs:,}",
+            " ".join(map(str, a.blocks)),
+            " ".join(map(str, a.widths)),
+            str(a.conv_kernel),
+            str(a.skip_kernel),
+            str(a.pool),
+            str(a.stem_width),
+        )
+    return table
+
+
+def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
+    from cerberus.search import count_designs, enumerate_designs, write_candidate_configs
+
+    err = stderr_console()
+    on_progress, progress = None, None
+    if err.is_terminal and count_designs(space) > 5_000_000:
+        from rich.progress import Progress
+
+        progress = Progress(console=err, transient=True)
+        task = progress.add_task("counting designs", total=None)
+        progress.start()
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+    try:
+        enumeration = enumerate_designs(space, top=top, sort=sort, on_progress=on_progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    paths = write_candidate_configs(enumeration, write_dir, base) if write_dir is not None else []
+    if as_json:
+        emit_json(enumeration.to_dict())
+        return
+    out = console()
+    if enumeration.candidates:
+        out.print(candidates_table(enumeration))
+    rate = enumeration.total / max(enumeration.seconds, 1e-9)
+    out.print(
+        f"{enumeration.total:,} designs counted in {enumeration.seconds:.2f}s ({rate:,.0f}/s); "
+        f"{enumeration.within_budget:,} within the {enumeration.max_params:,}-parameter budget"
+    )
+    if paths:
+        out.print(f"wrote {len(paths)} train configs to {write_dir}/")
+
+
+# --------------------------------------------------------------------------------------------
+# Trials
+
+
+class TrialsDisplay:
+    """Renders search events on stderr: a live line per running trial, a line per finished one."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = stderr_console()
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.tasks: dict[int, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        handler = getattr(self, f"on_{event['event']}", None)
+        if handler is not None:
+            handler(event)
+
+    def on_study(self, e: dict[str, Any]) -> None:
+        self.console.print(
+            f"study [bold]{e['study']}[/] ({e['storage']}): {e['existing_trials']} trials so far; "
+            f"running {e['trials']} more"
+        )
+        self.progress.start()
+
+    def on_trial_start(self, e: dict[str, Any]) -> None:
+        from rich.markup import escape
+
+        self.tasks[e["trial"]] = self.progress.add_task(
+            escape(f"trial {e['trial']} {e['design']} {e['params']:,}"),
+            total=e["epochs"],
+            epoch=0,
+            epochs=e["epochs"],
+            info="",
+        )
+
+    def on_trial_step(self, e: dict[str, Any]) -> None:
+        task = self.tasks.get(e["trial"])
+        if task is not None:
+            self.progress.update(task, completed=e["epoch"] - 1 + e["step"] / e["steps"])
+
+    def on_trial_epoch(self, e: dict[str, Any]) -> None:
+        task = self.tasks.get(e["trial"])
+        if task is not None:
+            info = f"val acc {e['val_accuracy']:.4f} (best {e['best_val_accuracy']:.4f})"
+            self.progress.update(task, completed=e["epoch"], epoch=e["epoch"], info=info)
+
+    def on_trial_end(self, e: dict[str, Any]) -> None:
+        from rich.markup import escape
+
+        task = self.tasks.pop(e["number"], None)
+        if task is not None:
+            self.progress.remove_task(task)
+        colour = {"complete": "green", "pruned": "yellow", "rejected": "yellow"}.get(e["state"], "red")
+        accuracy = f"val acc {e['val_accuracy']:.4f}" if e["val_accuracy"] is not None else "no val acc"
+        params = f"{e['params']:,} params" if e["params"] is not None else ""
+        line = (
+            f"trial {e['number']:>3} [{colour}]{e['state']:<8}[/] {escape(e['label'])}  {params}  "
+            f"{accuracy}  epochs {e['epochs']}/{e['epochs_planned']}"
+        )
+        self.console.print(line + (f"  ({escape(e['note'])})" if e["note"] else ""))
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _accuracy(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def trials_table(records, title: str, limit: int | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in ("trial", "val acc", "epochs", "state", "params", "MACs/image", "design"):
+        table.add_column(name, justify="left" if name in ("state", "design") else "right")
+    for r in records[:limit]:
+        table.add_row(
+            str(r.number),
+            _accuracy(r.val_accuracy),
+            f"{r.epochs}/{r.epochs_planned}" if r.epochs_planned else "-",
+            r.state,
+            f"{r.params:,}" if r.params is not None else "-",
+            f"{r.macs:,}" if r.macs is not None else "-",
+            r.label,
+        )
+    return table
+
+
+def show_results(result) -> None:
+    out = console()
+    limit = 20
+    title = f"Leaderboard of study {result.study!r} ({len(result.leaderboard)} trials)"
+    out.print(trials_table(result.leaderboard, title, limit))
+    if len(result.leaderboard) > limit:
+        out.print(f"... {len(result.leaderboard) - limit} more in {result.out_dir / 'leaderboard.json'}")
+    if result.pareto:
+        out.print(trials_table(result.pareto, "Pareto front: validation accuracy against parameters"))
+    for label, path in (("plot", result.plot), ("leaderboard", result.out_dir / "leaderboard.json")):
+        if path is not None:
+            out.print(f"{label}: {path}")
+    if result.configs:
+        out.print(f"best designs as train configs: {result.configs[0].parent}/ ({len(result.configs)})")
+
+
+def run_search_trials(space, *, as_json: bool, **kwargs) -> None:
+    import optuna
+
+    from cerberus.search import run_trials
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the display reports every trial
+    display = TrialsDisplay()
+    try:
+        result = run_trials(space, on_event=display, **kwargs)
+    finally:
+        display.stop()
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        show_results(result)
+    if result.interrupted:
+        typer.echo(
+            f"Interrupted: the running trial is marked failed. Run the same command again to continue "
+            f"study {result.study!r} ({result.storage}).",
+            err=True,
+        )
+        raise typer.Exit(130)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+@app.command("search", cls=MultiValueCommand)
+@handle_errors
+def search_command(
+    space_file: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="SPACE.toml",
+            help="Search space (default: 3-4 stages, 1-16 blocks each, base width 16-128).",
+        ),
+    ] = None,
+    max_params: Annotated[
+        int | None, typer.Option(help="Parameter budget (default: the space's, 5,000,000).")
+    ] = None,
+    min_params: Annotated[
+        int | None, typer.Option(help="List only designs with at least this many parameters.")
+    ] = None,
+    top: Annotated[
+        int, typer.Option(help="Designs to list, or (with --trials) best trial designs to write.")
+    ] = 10,
+    sort: Annotated[
+        SortBy, typer.Option(help="params: closest under the budget first; macs: fewest MACs first.")
+    ] = SortBy.params,
+    write_configs: Annotated[
+        Path | None,
+        typer.Option(help="Write the top designs as train configs here (trials: OUT/configs)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Base train config of written configs and trials; its model is replaced."),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Train this many trials in this process (0: report only).")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default: sqlite:///OUT/study.db).")
+    ] = None,
+    study: Annotated[str, typer.Option(help="Study name; one storage holds many.")] = "default",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder holding cifar-10-batches-py/ (overrides data.root).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override the trial config: --set train.epochs=3 data.train_subset=5000"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Search folder (default: runs/search-STUDY).")] = None,
+    pruner: Annotated[
+        PrunerChoice, typer.Option(help="Stops poor trials early, on validation accuracy per epoch.")
+    ] = PrunerChoice.hyperband,
+    seed: Annotated[int | None, typer.Option(help="Sampler seed (reproducible single process).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Search ResNet designs under the parameter budget: list them, or train trials.
+
+    Without --trials, every design in the space is counted exactly (nothing is
+    trained or allocated) and the best within the budget are listed: closest
+    under the budget first, then fewer MACs.
+
+    With --trials N, this process trains N short trials (10 epochs unless
+    --set train.epochs=...) on designs that Optuna samples. Poor trials are
+    pruned after an epoch on validation accuracy (the test set is never used);
+    designs over the budget never train. The study lives in --storage (default
+    sqlite:///OUT/study.db): run the command again to continue it, or point
+    several processes or machines at one storage to share the study, e.g.
+    --storage postgresql://user:password@dbhost/cerberus. Results: a
+    leaderboard, the Pareto front of accuracy against parameters (pareto.png)
+    and the best designs as train configs. Ctrl-C stops cleanly (exit 130).
+
+    Examples:
+
+      cerberus search --max-params 2000000 --top 5
+
+      cerberus search configs/search-space.toml --json --write-configs found/
+
+      cerberus search configs/search-space.toml --trials 20 --set train.epochs=5
+    """
+    from cerberus.config import load_config, read_toml
+    from cerberus.search import load_space
+
+    if top < 0:
+        raise fail(f"--top: must be 0 or more, got {top}", 2)
+    space = load_space(space_file)
+    if max_params is not None or min_params is not None:
+        for flag, value in (("--max-params", max_params), ("--min-params", min_params)):
+            if value is not None and value < 0:
+                raise fail(f"{flag}: must be positive, got {value}", 2)
+        space = space.with_budget(max_params, min_params)
+    base = None
+    if config is not None:
+        load_config(config, enforce_budget=False)  # refuse a bad base before any work
+        base = read_toml(config)
+    if trials is None:
+        trial_only = {
+            "--storage": storage is not None,
+            "--study": study != "default",
+            "--data-dir": data_dir is not None,
+            "--set": bool(overrides),
+            "--out": out is not None,
+            "--pruner": pruner != PrunerChoice.hyperband,
+            "--seed": seed is not None,
+        }
+        given = [flag for flag, used in trial_only.items() if used]
+        if given:
+            raise fail(f"{', '.join(given)} only apply to trials: add --trials N", 2)
+        run_enumeration(space, top, sort.value, as_json, write_configs, base)
+        return
+    if trials < 0:
+        raise fail(f"--trials: must be 0 or more, got {trials}", 2)
+    enumeration_only = {"--sort": sort != SortBy.params, "--min-params": min_params is not None}
+    given = [flag for flag, used in enumeration_only.items() if used]
+    if given:
+        raise fail(f"{', '.join(given)} only apply to enumeration: drop --trials", 2)
+    run_search_trials(
+        space,
+        as_json=as_json,
+        trials=trials,
+        out_dir=out,
+        study_name=study,
+        storage=storage,
+        base=base,
+        overrides=overrides or [],
+        data_dir=str(data_dir) if data_dir is not None else None,
+        pruner=pruner.value,
+        seed=seed,
+        top=top,
+        configs_dir=write_configs,
+    )

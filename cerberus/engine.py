@@ -1,0 +1,272 @@
+"""The training step and its parts: optimizer, learning-rate schedule, weight EMA.
+
+Everything random or time-dependent in a step is a pure function of ``(seed, epoch, step)``: the
+batch order (:func:`cerberus.data.batch_indices`), the augmentation (:func:`cerberus.data.step_generator`)
+and the learning rate (:class:`LRSchedule`). That is what makes a run resumed mid-epoch end with
+the same weights, bit for bit, as one that was never interrupted: the checkpoint only needs the
+weights, the optimizer and EMA state and the position ``(epoch, step)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cerberus.config import TrainConfig
+from cerberus.data import Augmenter, batch_indices, step_generator, steps_per_epoch
+from cerberus.device import Placement
+from cerberus.errors import DivergenceError
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; BatchNorm weights and biases skip weight decay unless configured."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+class LRSchedule:
+    """The learning rate as a pure function of the position in training.
+
+    ``t`` is the number of epochs completed, fractional within an epoch. Schedules:
+    constant; cosine (from lr to min_lr after the warmup); step (x gamma at each milestone);
+    onecycle (linear from lr/25 up to lr at ``onecycle_peak`` of training, then linear down to
+    min_lr); seed (the seed project's per-epoch CosineAnnealingLR with period ``t_max`` chained with
+    MultiStepLR, in closed form: lr * (1 + cos(pi * e / t_max)) / 2 * gamma**(milestones <= e)).
+    Linear warmup from 0 over ``warmup_epochs`` multiplies any of them.
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+        self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
+
+    def factor(self, t: float) -> float:
+        """Multiplier of ``cfg.lr`` at ``t`` epochs."""
+        cfg = self.cfg
+        epochs, floor = cfg.epochs, cfg.min_lr / cfg.lr
+        if cfg.schedule == "constant":
+            value = 1.0
+        elif cfg.schedule == "cosine":
+            span = max(epochs - cfg.warmup_epochs, 1e-9)
+            progress = min(max((t - cfg.warmup_epochs) / span, 0.0), 1.0)
+            value = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif cfg.schedule == "step":
+            value = cfg.gamma ** sum(1 for m in cfg.milestones if m <= int(t))
+        elif cfg.schedule == "onecycle":
+            peak = cfg.onecycle_peak * epochs
+            if t < peak:
+                value = 0.04 + 0.96 * t / peak
+            else:
+                value = 1 - (1 - floor) * min((t - peak) / max(epochs - peak, 1e-9), 1.0)
+        else:  # "seed": stepped once per epoch, as torch's epoch-wise schedulers are
+            e = int(t)
+            t_max = cfg.t_max or epochs
+            value = 0.5 * (1 + math.cos(math.pi * e / t_max))
+            value *= cfg.gamma ** sum(1 for m in cfg.milestones if m <= e)
+        if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+            value *= t / cfg.warmup_epochs
+        return value
+
+    def lr_at(self, epoch: int, step: int) -> float:
+        """Learning rate of step ``step`` of epoch ``epoch`` (the step's end, so never 0)."""
+        return self.cfg.lr * self.factor(epoch + (step + 1) / self.steps_per_epoch)
+
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> float:
+        lr = self.lr_at(epoch, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+# --------------------------------------------------------------------------------------------
+# Weight EMA
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers, updated every step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        floats, targets = [], []
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                targets.append(self.state[name])
+                floats.append(value.detach())
+            else:  # num_batches_tracked: copy
+                self.state[name].copy_(value)
+        torch._foreach_lerp_(targets, floats, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            self.state[name].copy_(value)
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch
+
+
+@dataclass
+class EpochState:
+    """Running sums of the epoch in progress (saved in checkpoints written mid-epoch)."""
+
+    loss_sum: float = 0.0  # sum over images of the training loss
+    correct: float = 0.0  # images whose argmax matches the (majority) target
+    images: int = 0
+    seconds: float = 0.0  # time spent in training steps
+
+    def as_dict(self) -> dict:
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "images": self.images,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class Trainer:
+    """Everything one training step needs. ``model`` may be wrapped (DDP, torch.compile)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    augmenter: Augmenter
+    placement: Placement
+    cfg: TrainConfig
+    seed: int
+    images: torch.Tensor  # uint8 (N, 3, 32, 32) on the training device
+    labels: torch.Tensor  # int64 (N,) on the training device
+    label_smoothing: float = 0.0
+    ema: EMA | None = None
+    scaler: torch.amp.GradScaler | None = None
+    rank: int = 0
+    world_size: int = 1
+    base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
+    _sync_every: int = field(default=1)
+
+    def __post_init__(self) -> None:
+        if self.base_model is None:
+            self.base_model = self.model
+        self._sync_every = 1 if self.placement.device.type == "cpu" else 20
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.labels), self.cfg.batch_size)
+
+    def train_step(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """One optimisation step; returns (loss sum, correct count, images, lr) of this rank."""
+        n = len(self.labels)
+        idx = batch_indices(n, self.cfg.batch_size, self.seed, epoch, step, self.rank, self.world_size)
+        idx = idx.to(self.images.device)
+        generator = step_generator(self.seed, epoch, step, self.placement.device, self.rank)
+        x, targets = self.augmenter(self.images[idx], self.labels[idx], generator)
+        x = x.contiguous(memory_format=self.placement.memory_format)
+        lr = self.schedule.apply(self.optimizer, epoch, step)
+        with self.placement.autocast():
+            logits = self.model(x)
+        # The loss in fp32: mean over this rank's shard, scaled so that DDP's gradient average
+        # over ranks equals the gradient of the global batch's mean loss.
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = len(idx) * self.world_size / self.cfg.batch_size
+        if self.scaler is not None:
+            self.scaler.scale(loss * scale).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            (loss * scale).backward()
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.base_model)
+        hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+        correct = (logits.argmax(dim=1) == hard).sum()
+        return loss.detach() * len(idx), correct, len(idx), lr
+
+    def run_epoch(
+        self,
+        epoch: int,
+        state: EpochState,
+        start_step: int = 0,
+        on_step: Callable[[int, EpochState, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[EpochState, int]:
+        """Train steps ``start_step..`` of ``epoch``, adding to ``state``.
+
+        ``on_step(step, state, lr)`` is called after each step whose sums were read back from the
+        device. ``should_stop()`` is asked after every step; True ends the epoch early (an
+        interrupt). Returns the state and the next step to run (``steps_per_epoch`` when the
+        epoch is complete).
+
+        With several ranks (``reduce`` set) the stop is decided together: each rank's answer is
+        all-reduced with the sums at the next sync point, and all ranks stop after that same step
+        (a rank stopping alone would leave the others waiting in the next gradient all-reduce).
+        """
+        self.model.train()
+        steps = self.steps_per_epoch
+        collective = self.reduce is not None
+        # loss sum, correct count (and under DDP, how many ranks want to stop)
+        pending = torch.zeros(3 if collective else 2, device=self.placement.device)
+        step = start_step
+        while step < steps:
+            t0 = time.perf_counter()
+            loss_sum, correct, _, lr = self.train_step(epoch, step)
+            pending[0] += loss_sum
+            pending[1] += correct
+            step += 1
+            stop = should_stop is not None and should_stop()
+            if step % self._sync_every == 0 or step == steps or (stop and not collective):
+                if collective:
+                    pending[2] = float(stop)
+                    loss_value, correct_value, stop_votes = self.reduce(pending).tolist()
+                    stop = stop_votes > 0
+                else:
+                    loss_value, correct_value = pending.tolist()
+                if not math.isfinite(loss_value):
+                    raise DivergenceError(
+                        f"the training loss became non-finite at epoch {epoch + 1}, step {step}: "
+                        "lower train.lr, add train.warmup_epochs or train.grad_clip; "
+                        "the last good checkpoint was kept"
+                    )
+                state.loss_sum += loss_value
+                state.correct += correct_value
+                pending.zero_()
+                state.images = min(step * self.cfg.batch_size, len(self.labels))
+                state.seconds += time.perf_counter() - t0
+                if on_step is not None:
+                    on_step(step, state, lr)
+            else:
+                state.seconds += time.perf_counter() - t0
+                stop = False  # under DDP the ranks vote at the next sync point (alone, stop syncs)
+            if stop:
+                break
+        return state, step

@@ -1,0 +1,420 @@
+"""Evaluation: logits of a model on uint8 images, the classification report, checkpoint evaluation.
+
+:func:`predict_logits` and :func:`classification_report` are the one implementation of
+evaluation: the training loop computes its validation and test figures with them, so
+``cerberus eval best.pt`` on the same machine reproduces a run's test accuracy exactly (same
+weights, same placement, same batch size, same arithmetic). Nothing here prints; progress goes
+through a callback.
+
+Test-time augmentation (``tta=True``) averages the logits of four views of every image:
+
+1. the image itself;
+2. its horizontal mirror;
+3. the image translated 2 pixels down and right (reflect-pad 2 pixels on every side, then take
+   the 32x32 crop at offset (0, 0));
+4. the mirror, translated the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cerberus.arch import Architecture, count_params
+from cerberus.checkpoint import (
+    FORMAT,
+    check_format,
+    first_non_finite,
+    infer_architecture,
+    load_checkpoint,
+    state_dict_from,
+)
+from cerberus.device import Placement
+from cerberus.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    from cerberus.config import ExperimentConfig
+
+TTA_VIEWS = ("identity", "flip", "translate", "flip+translate")
+TTA_SHIFT = 2  # pixels a translated view moves down and right
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Logits
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DataError(f"images must be a uint8 tensor of pixel values, got {kind}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise DataError(f"images must have shape (N, 3, H, W), got {list(images.shape)}")
+    if images.shape[0] == 0:
+        raise DataError("there are no images to evaluate")
+
+
+def _views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+    """The views of a normalised batch (B, 3, H, W) that are averaged (see the module docstring)."""
+    if not tta:
+        return [x]
+    flipped = x.flip(3)
+    side_h, side_w = x.shape[-2:]
+    pad = (TTA_SHIFT,) * 4
+    shifted = [F.pad(v, pad, mode="reflect")[:, :, :side_h, :side_w] for v in (x, flipped)]
+    return [x, flipped, *shifted]
+
+
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    placement: Placement,
+    batch_size: int = 1000,
+    tta: bool = False,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Logits of ``model`` on ``images``: uint8 (N, 3, H, W) on the CPU -> float32 (N, C) on the CPU.
+
+    The model is moved to ``placement`` (device and memory format) and run in eval mode under
+    ``torch.inference_mode`` and the placement's autocast; its training mode is restored after.
+    Batches of ``batch_size`` images are normalised with ``mean``/``std`` (per channel, on the
+    0-1 scale) on the device, one at a time. ``tta`` averages the logits of
+    ``len(TTA_VIEWS)`` views. ``progress(done_images, total_images)`` is called after each batch.
+    """
+    _check_images(images)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    from cerberus.data import normalize  # the same arithmetic training applies to its batches
+
+    device, memory_format = placement.device, placement.memory_format
+    model.to(device=device, memory_format=memory_format)
+    total = images.shape[0]
+    outputs: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, total, batch_size):
+                batch = images[start : start + batch_size].to(device, non_blocking=True)
+                x = normalize(batch, mean, std)  # (B, 3, H, W) float32
+                logits = None
+                views = _views(x, tta)
+                for view in views:
+                    with placement.autocast():
+                        out = model(view.contiguous(memory_format=memory_format)).float()
+                    logits = out if logits is None else logits + out
+                outputs.append((logits / len(views)).cpu() if tta else logits.cpu())
+                if progress is not None:
+                    progress(min(start + batch_size, total), total)
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def classification_report(
+    logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy, per-class figures and the confusion matrix.
+
+    ``per_class`` rows hold ``accuracy`` (= ``recall``: correct among the images of that class),
+    ``precision`` (correct among the images predicted as that class) and ``support``; a ratio
+    whose denominator is zero is ``None``. ``confusion_matrix[t][p]`` counts images of true class
+    ``t`` predicted as ``p``.
+    """
+    num_classes = len(classes)
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise DataError(f"logits have shape {list(logits.shape)}; expected (N, {num_classes})")
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise DataError(f"{labels.shape[0] if labels.dim() else 0} labels for {logits.shape[0]} images")
+    if labels.numel() == 0:
+        raise DataError("there are no images to evaluate")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+    logits = logits.float().cpu()
+    predictions = logits.argmax(1)
+    matrix = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
+    matrix = matrix.view(num_classes, num_classes)  # rows: true class, columns: predicted
+    true_positive = matrix.diagonal()
+    support = matrix.sum(1)
+    predicted = matrix.sum(0)
+    correct = int(true_positive.sum())
+    per_class = []
+    for c, name in enumerate(classes):
+        recall = _ratio(int(true_positive[c]), int(support[c]))
+        per_class.append(
+            {
+                "class": name,
+                "accuracy": recall,
+                "precision": _ratio(int(true_positive[c]), int(predicted[c])),
+                "recall": recall,
+                "support": int(support[c]),
+            }
+        )
+    return {
+        "accuracy": correct / labels.numel(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "images": labels.numel(),
+        "correct": correct,
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict`` with a message that names the first missing, extra or misshapen key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        groups = (("missing", missing), ("unexpected", extra))
+        parts = [f"{kind} {_some(keys)}" for kind, keys in groups if keys]
+        raise CheckpointError(f"{path}: the weights do not fit the architecture ({'; '.join(parts)})")
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: {key!r} has shape {list(state[key].shape)} but the architecture needs "
+                f"{list(value.shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def load_model(
+    path: Path,
+    *,
+    trust_pickle: bool = False,
+    use_ema: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A model (CPU, eval mode) with the weights in ``path``, and what is known about it.
+
+    Cerberus checkpoints give their recorded architecture and, with ``use_ema``, the EMA weights
+    when they hold them. Any other weights file (a state_dict, possibly wrapped or pickled) has
+    its architecture inferred from names and shapes; ``overrides`` (Architecture fields) settle
+    what the weights cannot show. ``info`` holds ``source`` ("cerberus" | "state_dict"),
+    ``architecture``, ``weights`` ("ema" | "model"), ``config`` (dict or None) and ``params``.
+    """
+    from cerberus.model import build_model
+
+    path = Path(path)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    obj = load_checkpoint(path, trust_pickle=trust_pickle)
+    info: dict[str, Any] = {"checkpoint": str(path)}
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        check_format(obj)
+        if overrides:
+            names = ", ".join(sorted(overrides))
+            raise ConfigError(
+                f"{path} records its architecture; design overrides ({names}) apply only to plain state_dicts"
+            )
+        use = "ema" if use_ema and obj.get("ema") is not None else "model"
+        state = state_dict_from(obj[use])
+        state.pop("n_averaged", None)  # torch.optim.swa_utils.AveragedModel's counter
+        arch_data = obj.get("architecture") or (obj.get("config") or {}).get("model")
+        if not isinstance(arch_data, dict):
+            raise CheckpointError(f"{path} records no architecture")
+        fields = {k: arch_data[k] for k in Architecture.__dataclass_fields__ if k in arch_data}
+        try:
+            arch = Architecture(**fields)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: the recorded architecture is invalid ({err})") from None
+        info.update(
+            source="cerberus",
+            weights=use,
+            config=obj.get("config"),
+            epoch=obj.get("epoch"),
+            cerberus_version=obj.get("cerberus_version"),
+        )
+    else:
+        state = state_dict_from(obj)
+        arch = infer_architecture(state, **overrides)
+        info.update(source="state_dict", weights="model", config=None)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight {bad!r} holds NaN or infinite values")
+    model = build_model(arch)
+    _load_weights(model, state, path)
+    model.eval()
+    info.update(architecture=arch.to_dict(), params=count_params(arch))
+    return model, info
+
+
+def check_placement_names(device: str | None, precision: str | None) -> None:
+    """Refuse a misspelt device or precision before anything is loaded."""
+    for name, value, choices in (("device", device, DEVICES), ("precision", precision, PRECISIONS)):
+        if value is not None and value not in choices:
+            raise ConfigError(f"{name}: choose one of {', '.join(choices)}, got {value!r}")
+
+
+def eval_placement(config: ExperimentConfig | None, device: str | None, precision: str | None) -> Placement:
+    """Where to evaluate: ``device``/``precision`` when given, else what the run trained with.
+
+    A training setting this machine cannot honour (a CUDA run evaluated on a laptop) falls back to
+    ``auto``; an explicit request that cannot be honoured raises :class:`ConfigError`.
+    """
+    from cerberus.device import resolve_placement
+
+    check_placement_names(device, precision)
+    train = config.train if config is not None else None
+    channels_last = train.channels_last if train is not None else None
+    wanted_device = device or (train.device if train is not None else "auto")
+    wanted_precision = precision or (train.precision if train is not None else "auto")
+    try:
+        return resolve_placement(wanted_device, wanted_precision, channels_last)
+    except ConfigError:
+        if device is not None and precision is not None:
+            raise  # asked for explicitly: say it cannot be had
+        return resolve_placement(device or "auto", precision or "auto", channels_last)
+
+
+def evaluate_checkpoint(
+    path: Path,
+    *,
+    data_dir: str | Path | None = None,
+    test_subset: int | None = None,
+    tta: bool = False,
+    use_ema: bool = True,
+    trust_pickle: bool = False,
+    overrides: dict[str, Any] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate a weights file on the CIFAR-10 test set; see :func:`classification_report`.
+
+    Settings left at ``None`` come from the checkpoint's own config for Cerberus checkpoints
+    (data root, ``test_subset``, mean/std, device, precision, channels_last, eval batch size:
+    what training used, so the figure matches the run's), and from the defaults for other
+    weights (the seed project's mean/std, ``auto`` placement, 1000 images per batch).
+    The result adds ``tta``, ``views``, ``seconds``, ``images_per_sec``, ``device``,
+    ``precision``, ``channels_last``, ``batch_size``, ``checkpoint``, ``source``, ``weights``,
+    ``architecture``, ``params``, ``data_root`` and ``test_subset``.
+    """
+    from cerberus.config import DataConfig, config_from_dict
+    from cerberus.data import load_cifar10, make_splits, resolve_data_root
+
+    check_placement_names(device, precision)
+    model, info = load_model(path, trust_pickle=trust_pickle, use_ema=use_ema, overrides=overrides)
+    config = None
+    if info["config"] is not None:
+        config = config_from_dict(info["config"], source=str(path), enforce_budget=False)
+    data_cfg = config.data if config is not None else DataConfig()
+
+    # A root recorded on the training machine may not exist here: then use the usual fallbacks.
+    config_root = data_cfg.root if data_cfg.root and Path(data_cfg.root).is_dir() else None
+    root = resolve_data_root(data_dir, config_root)
+    data = load_cifar10(root, download=data_cfg.download, url=data_cfg.url, split="test")
+    subset = data_cfg.test_subset if test_subset is None else test_subset
+    if subset < 0:
+        raise ConfigError(f"test_subset must be 0 (all) or positive, got {subset}")
+    splits = make_splits(data, data_cfg.model_copy(update={"test_subset": subset}))  # the first N
+    images, labels = splits.test_images, splits.test_labels
+    classes = list(data.classes)
+    num_classes = info["architecture"]["num_classes"]
+    if num_classes != len(classes):
+        raise CheckpointError(
+            f"{path}: the model has {num_classes} outputs but the dataset has {len(classes)} classes"
+        )
+
+    placement = eval_placement(config, device, precision)
+    if batch_size is None:
+        batch_size = config.train.eval_batch_size if config is not None else 1000
+    start = time.perf_counter()
+    logits = predict_logits(
+        model,
+        images,
+        mean=mean if mean is not None else data_cfg.mean,
+        std=std if std is not None else data_cfg.std,
+        placement=placement,
+        batch_size=batch_size,
+        tta=tta,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    result = classification_report(logits, labels, classes)
+    result.update(
+        tta=tta,
+        views=len(TTA_VIEWS) if tta else 1,
+        seconds=seconds,
+        images_per_sec=result["images"] / max(seconds, 1e-9),
+        device=str(placement.device),
+        precision=placement.precision,
+        channels_last=placement.channels_last,
+        batch_size=batch_size,
+        checkpoint=str(path),
+        source=info["source"],
+        weights=info["weights"],
+        architecture=info["architecture"],
+        params=info["params"],
+        data_root=str(root),
+        test_subset=subset,
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Plot
+
+
+def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path) -> Path:
+    """Draw the confusion matrix (rows true, columns predicted) to a PNG; return its path.
+
+    ``path`` may be a folder, which then receives ``confusion.png``. Colours show each row's
+    fraction, so rare and common classes read alike; cells print the counts.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "confusion.png"
+    counts = torch.tensor(matrix, dtype=torch.float64)
+    rows = counts.sum(1, keepdim=True).clamp(min=1)
+    fractions = (counts / rows).numpy()
+    n = len(classes)
+    fig = Figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
+    ax.set_yticks(range(n), labels=list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for t in range(n):
+        for p in range(n):
+            colour = "white" if fractions[t, p] > 0.5 else "black"
+            ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=colour)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,275 @@
+"""The course's Kaggle test file (unlabeled images) in, a submission CSV out.
+
+The file is a pickle of a dict with ``b"data"`` (or ``"data"``) and usually ``b"ids"``:
+
+* ``cifar_test_nolabels.pkl`` (2024): ``data`` is N x 3072 uint8 rows in CIFAR's channel-major
+  order (1024 red, 1024 green, 1024 blue values; layout ``chw``);
+* ``cifar_test_nolabel.pkl`` (2025): ``data`` is N x 32 x 32 x 3 (channels last; layout ``hwc``).
+
+The layout is detected from the shape; ``layout=`` overrides it (each image's 3072 values are
+then read in that order). The file is read through a restricted unpickler that rebuilds numpy
+arrays and plain data only, so a malicious file cannot run code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cerberus.checkpoint import write_atomic
+from cerberus.errors import CerberusError, DataError
+
+LAYOUTS = ("chw", "hwc")
+IMAGE_VALUES = 3 * 32 * 32
+
+# Everything a pickled dict of numpy arrays needs, and nothing that can run code.
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # protocol 2 stores bytes as latin-1 text
+    ("collections", "OrderedDict"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _entry(payload: dict, key: str) -> Any:
+    for candidate in (key.encode(), key):
+        if candidate in payload:
+            return payload[candidate]
+    return None
+
+
+def _key_names(payload: dict) -> str:
+    names = [k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in payload]
+    return ", ".join(repr(n) for n in names[:8]) or "none"
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as file:
+            return _NumpyOnlyUnpickler(file, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not a pickle file") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    except pickle.UnpicklingError as err:
+        if str(err).startswith("refusing to load"):
+            name = str(err).removeprefix("refusing to load ")
+            raise DataError(
+                f"{path} holds Python objects other than numpy arrays ({name}); it was not loaded "
+                "because that could run arbitrary code"
+            ) from None
+        raise DataError(f"{path} is not a pickle file, or is corrupt ({err})") from None
+    except EOFError:
+        raise DataError(f"{path} is empty or truncated") from None
+    except Exception as err:  # malformed pickles raise a zoo of types
+        raise DataError(f"{path} is not a pickle file, or is corrupt ({type(err).__name__}: {err})") from None
+
+
+def _images_from(data: Any, path: Path, layout: str | None) -> tuple[torch.Tensor, str]:
+    if not isinstance(data, np.ndarray):
+        raise DataError(f"{path}: 'data' is a {type(data).__name__}, expected a numpy array of pixels")
+    if data.dtype != np.uint8:
+        integral = np.issubdtype(data.dtype, np.integer)
+        if not (integral and data.size and data.min() >= 0 and data.max() <= 255):
+            raise DataError(f"{path}: 'data' has dtype {data.dtype}; expected uint8 pixel values 0-255")
+        data = data.astype(np.uint8)
+    shape = tuple(data.shape)
+    if len(shape) == 2 and shape[1] == IMAGE_VALUES:
+        detected = "chw"
+    elif len(shape) == 4 and shape[1:] == (32, 32, 3):
+        detected = "hwc"
+    elif len(shape) == 4 and shape[1:] == (3, 32, 32):
+        detected = "chw"
+    else:
+        raise DataError(
+            f"{path}: 'data' has shape {list(shape)}; expected N x 3072 (channel-major rows) "
+            "or N x 32 x 32 x 3 (channels last)"
+        )
+    if layout is not None and layout not in LAYOUTS:
+        raise DataError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    layout = layout or detected
+    n = shape[0]
+    if n == 0:
+        raise DataError(f"{path} holds no images")
+    rows = np.ascontiguousarray(data).reshape(n, IMAGE_VALUES)
+    if layout == "chw":
+        images = rows.reshape(n, 3, 32, 32)
+    else:
+        images = rows.reshape(n, 32, 32, 3).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(images)), layout
+
+
+def _ids_from(ids: Any, n: int, path: Path) -> list:
+    if ids is None:
+        return list(range(n))
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise DataError(f"{path}: 'ids' has shape {list(ids.shape)}; expected one id per image")
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise DataError(f"{path}: 'ids' is a {type(ids).__name__}, expected a list or array")
+    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+    if any(not isinstance(i, (int, str)) or isinstance(i, bool) for i in ids):
+        raise DataError(f"{path}: 'ids' must be integers or strings")
+    if len(ids) != n:
+        raise DataError(f"{path} has {len(ids)} ids but {n} images")
+    return ids
+
+
+def read_unlabeled(path: Path, layout: str | None = None) -> tuple[list, torch.Tensor]:
+    """``(ids, images)`` from a Kaggle test pickle; images are uint8 (N, 3, 32, 32).
+
+    ``ids`` default to ``0..N-1`` when the file has none. Raises :class:`DataError` naming the
+    problem for anything else: not a pickle, missing ``data``, wrong shape or dtype, or ids and
+    images of different lengths.
+    """
+    ids, images, _ = _read_unlabeled(Path(path), layout)
+    return ids, images
+
+
+def _read_unlabeled(path: Path, layout: str | None) -> tuple[list, torch.Tensor, str]:
+    payload = _read_pickle(path)
+    if not isinstance(payload, dict):
+        raise DataError(f"{path} holds a {type(payload).__name__}; expected a dict with 'data' and 'ids'")
+    data = _entry(payload, "data")
+    if data is None:
+        raise DataError(f"{path} has no 'data' entry (found keys: {_key_names(payload)})")
+    images, layout = _images_from(data, path, layout)
+    ids = _ids_from(_entry(payload, "ids"), images.shape[0], path)
+    return ids, images, layout
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+
+
+def _write_csv(path: Path, header: Sequence[str], rows) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    try:
+        write_atomic(Path(path), text.getvalue().encode())
+    except OSError as err:
+        raise CerberusError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def write_submission(path: Path, ids: Sequence, labels: Sequence[int] | torch.Tensor) -> None:
+    """Write ``ID,Labels`` rows, one per image, label = class index (atomic)."""
+    labels = torch.as_tensor(labels).tolist()
+    if len(ids) != len(labels):
+        raise DataError(f"{len(ids)} ids but {len(labels)} labels")
+    _write_csv(path, ("ID", "Labels"), zip(ids, labels))
+
+
+def write_probabilities(path: Path, ids: Sequence, probs: torch.Tensor, classes: Sequence[str]) -> None:
+    """Write ``ID,<class>...`` rows of class probabilities (6 decimals), one per image (atomic)."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    if probs.dim() != 2 or probs.shape != (len(ids), len(classes)):
+        expected = f"({len(ids)}, {len(classes)})"
+        raise DataError(f"probabilities have shape {list(probs.shape)}; expected {expected}")
+    rows = ([i, *(f"{p:.6f}" for p in row)] for i, row in zip(ids, probs.tolist()))
+    _write_csv(path, ("ID", *classes), rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole prediction
+
+
+def predict_unlabeled(
+    checkpoint: Path,
+    input_path: Path,
+    output: Path,
+    *,
+    layout: str | None = None,
+    probs_path: Path | None = None,
+    tta: bool = False,
+    use_ema: bool = True,
+    trust_pickle: bool = False,
+    device: str | None = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Predict every image of a Kaggle test file and write the submission (and probabilities).
+
+    Normalisation and placement follow :func:`cerberus.evaluate.evaluate_checkpoint`: the
+    checkpoint's own config for Cerberus checkpoints, the seed's constants otherwise.
+    """
+    from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, config_from_dict
+    from cerberus.evaluate import TTA_VIEWS, check_placement_names, eval_placement, load_model, predict_logits
+
+    check_placement_names(device, precision)
+    ids, images, layout = _read_unlabeled(Path(input_path), layout)
+    model, info = load_model(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
+    config = None
+    if info["config"] is not None:
+        config = config_from_dict(info["config"], source=str(checkpoint), enforce_budget=False)
+    mean = config.data.mean if config is not None else CIFAR10_MEAN
+    std = config.data.std if config is not None else CIFAR10_STD
+    placement = eval_placement(config, device, precision)
+    if batch_size is None:
+        batch_size = config.train.eval_batch_size if config is not None else 1000
+    start = time.perf_counter()
+    logits = predict_logits(
+        model,
+        images,
+        mean=mean,
+        std=std,
+        placement=placement,
+        batch_size=batch_size,
+        tta=tta,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    labels = logits.argmax(1)
+    write_submission(output, ids, labels)
+    classes = _class_names(logits.shape[1])
+    if probs_path is not None:
+        write_probabilities(probs_path, ids, logits.softmax(1), classes)
+    counts = torch.bincount(labels, minlength=logits.shape[1]).tolist()
+    return {
+        "images": len(ids),
+        "output": str(output),
+        "probs": str(probs_path) if probs_path is not None else None,
+        "layout": layout,
+        "predicted_counts": dict(zip(classes, counts)),
+        "tta": tta,
+        "views": len(TTA_VIEWS) if tta else 1,
+        "seconds": seconds,
+        "device": str(placement.device),
+        "precision": placement.precision,
+        "checkpoint": str(checkpoint),
+        "source": info["source"],
+        "weights": info["weights"],
+        "architecture": info["architecture"],
+    }
+
+
+def _class_names(num_classes: int) -> list[str]:
+    from cerberus.data import CLASSES
+
+    return list(CLASSES) if len(CLASSES) == num_classes else [f"class_{i}" for i in range(num_classes)]

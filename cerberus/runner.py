@@ -1,0 +1,535 @@
+"""A whole training run: run directory, data, model, epochs, checkpoints, resume, summary.
+
+``train_run`` composes the parts (config -> data + model -> engine -> checkpoints/report) and
+reports progress only through ``on_event``; it never prints. Events are dicts with an
+``"event"`` key: ``start``, ``step``, ``epoch``, ``test``, ``done``, ``interrupted``.
+
+Run directory (``out_dir``): ``config.toml`` (resolved), ``metrics.jsonl`` (a line per epoch),
+``last.pt`` and ``best.pt`` (+ ``.sha256`` sidecars), ``curves.png``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cerberus import __version__
+from cerberus.checkpoint import FORMAT, FORMAT_VERSION, all_finite, load_checkpoint, remove_stale_temporaries
+from cerberus.checkpoint import save_checkpoint as _save_checkpoint
+from cerberus.config import ExperimentConfig, config_from_dict
+from cerberus.data import Augmenter, load_cifar10, make_splits, resolve_data_root
+from cerberus.device import Placement, resolve_placement
+from cerberus.distributed import DistContext
+from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
+from cerberus.errors import ConfigError, DivergenceError, Interrupted
+from cerberus.evaluate import classification_report, predict_logits
+from cerberus.files import atomic_write, run_lock
+from cerberus.model import build_model
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    best_val_accuracy: float | None
+    epochs_completed: int
+
+
+def default_out_dir(config: ExperimentConfig) -> Path:
+    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --------------------------------------------------------------------------------------------
+# Signals: finish the step, write last.pt, exit 130 (SIGINT) or 143 (SIGTERM)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the training loop checks it after every step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if flag.signum is not None:  # a second signal: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_rss_mb() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+class Run:
+    """State of one training run; ``train_run`` below is its only public entry."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out_dir: Path,
+        on_event: EventSink | None,
+        save_checkpoints: bool,
+        dist: DistContext,
+    ):
+        self.config = config
+        self.out_dir = out_dir
+        self.emit = on_event or (lambda event: None)
+        self.save_checkpoints = save_checkpoints
+        self.dist = dist
+        self.metrics: list[dict[str, Any]] = []
+        self.best_val: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # when checkpoints are off
+        self.wall_start = time.perf_counter()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def load_data(self) -> None:
+        """Read the images (no collective calls: under torchrun this may fail on one rank only)."""
+        cfg = self.config
+        data = load_cifar10(Path(cfg.data.root), download=cfg.data.download, url=cfg.data.url)
+        self.classes = data.classes
+        self.splits = make_splits(data, cfg.data)
+        if len(self.splits.train_labels) == 0:
+            raise ConfigError("data: no training images left after data.train_subset and data.val_size")
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.check_shards()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.placement: Placement = resolve_placement(
+            cfg.train.device if self.dist.device is None else self.dist.device.type,
+            cfg.train.precision,
+            cfg.train.channels_last,
+        )
+        if self.dist.device is not None:
+            self.placement = Placement(
+                self.dist.device, self.placement.precision, self.placement.channels_last
+            )
+        device = self.placement.device
+
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+        random.seed(cfg.seed)
+        model = build_model(cfg.model.architecture()).to(device, memory_format=self.placement.memory_format)
+        if cfg.train.sync_bn:
+            model = self.dist.convert_sync_bn(model)
+        self.model = model
+        self.eval_model = copy.deepcopy(model)  # holds EMA or best weights for evaluation
+        wrapped = self.dist.wrap(model)
+        if cfg.train.compile:
+            wrapped = torch.compile(wrapped)
+
+        steps = -(-len(self.splits.train_labels) // cfg.train.batch_size)
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.schedule = LRSchedule(cfg.train, steps)
+        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        scaler = torch.amp.GradScaler(device.type) if self.placement.precision == "fp16" else None
+        self.trainer = Trainer(
+            model=wrapped,
+            base_model=model,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            augmenter=Augmenter(cfg.augment, cfg.data.mean, cfg.data.std, cfg.model.num_classes),
+            placement=self.placement,
+            cfg=cfg.train,
+            seed=cfg.seed,
+            images=self.splits.train_images.to(device),
+            labels=self.splits.train_labels.to(device),
+            label_smoothing=cfg.augment.label_smoothing,
+            ema=self.ema,
+            scaler=scaler,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            reduce=self.dist.all_reduce_sum if self.dist.world_size > 1 else None,
+        )
+        self.params = sum(p.numel() for p in model.parameters())
+
+    def check_shards(self) -> None:
+        """Every rank needs an image of every global batch (the last one may be short)."""
+        n, batch, ranks = len(self.splits.train_labels), self.config.train.batch_size, self.dist.world_size
+        smallest = min(batch, n - (-(-n // batch) - 1) * batch)
+        if smallest < ranks:
+            raise ConfigError(
+                f"train.batch_size: a batch of {smallest} image(s) cannot be shared by {ranks} processes "
+                f"({n} training images in batches of {batch}); change train.batch_size by a few"
+            )
+
+    def restore(self, ckpt: dict[str, Any]) -> tuple[int, int, EpochState]:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        if self.trainer.scaler is not None and ckpt.get("scaler") is not None:
+            self.trainer.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        self.metrics = list(ckpt.get("metrics", []))
+        self.best_val = ckpt.get("best_val_accuracy")
+        self.best_epoch = ckpt.get("best_epoch")
+        state = EpochState(**ckpt.get("epoch_state", {}))
+        return ckpt["epoch"], ckpt["step"], state
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def payload(self, epoch: int, step: int, state: EpochState) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": self.config.train.schedule, "epoch": epoch, "step": step},
+            "scaler": self.trainer.scaler.state_dict() if self.trainer.scaler is not None else None,
+            "rng": _rng_state(),
+            "epoch": epoch,  # the epoch in progress (== epochs when finished)
+            "step": step,  # the next step to run within that epoch
+            "epoch_state": state.as_dict(),
+            "config": self.config.to_dict(),
+            "architecture": self.config.model.architecture().to_dict(),
+            "metrics": self.metrics,
+            "best_val_accuracy": self.best_val,
+            "best_epoch": self.best_epoch,
+            "cerberus_version": __version__,
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self, name: str, payload: dict[str, Any]) -> None:
+        if self.save_checkpoints and self.dist.is_main:
+            # A step can leave NaN weights (or BatchNorm statistics) behind a still-finite loss;
+            # say that training diverged rather than only that the save was refused.
+            for key in ("model", "ema"):
+                if payload.get(key) is not None and not all_finite(payload[key]):
+                    where = f"epoch {payload['epoch'] + 1}, step {payload['step']}"
+                    if not payload["step"]:
+                        where = f"the end of epoch {payload['epoch']}"
+                    raise DivergenceError(
+                        f"the {key} weights became non-finite at {where}: lower train.lr, add "
+                        f"train.warmup_epochs or train.grad_clip; {name} was not overwritten, so "
+                        "the last good checkpoint was kept"
+                    )
+            _save_checkpoint(self.out_dir / name, payload)
+
+    def write_metrics(self) -> None:
+        if not self.dist.is_main:
+            return
+        lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
+        atomic_write(self.out_dir / "metrics.jsonl", lines)
+        if self.metrics:
+            from cerberus.report import plot_curves
+
+            plot_curves(self.metrics, self.out_dir / "curves.png")
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, state: dict[str, torch.Tensor] | None, images, labels) -> dict[str, Any]:
+        """Loss and accuracy of ``state`` (or of the live model when None) on a split."""
+        model = self.model
+        if state is not None:
+            self.eval_model.load_state_dict(state)
+            model = self.eval_model
+        logits = predict_logits(
+            model,
+            images,
+            mean=self.config.data.mean,
+            std=self.config.data.std,
+            placement=self.placement,
+            batch_size=self.config.train.eval_batch_size,
+        )
+        return classification_report(logits, labels, self.classes)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self, start_epoch: int, start_step: int, state: EpochState, stop: StopFlag) -> None:
+        cfg = self.config
+        steps = self.trainer.steps_per_epoch
+        has_val = len(self.splits.val_labels) > 0
+        self.emit(
+            {
+                "event": "start",
+                "params": self.params,
+                "device": str(self.placement.device),
+                "precision": self.placement.precision,
+                "channels_last": self.placement.channels_last,
+                "epochs": cfg.train.epochs,
+                "start_epoch": start_epoch,
+                "start_step": start_step,
+                "steps_per_epoch": steps,
+                "train_images": len(self.splits.train_labels),
+                "val_images": len(self.splits.val_labels),
+                "test_images": len(self.splits.test_labels),
+                "world_size": self.dist.world_size,
+                "out_dir": str(self.out_dir),
+            }
+        )
+
+        every = cfg.train.checkpoint_every
+        saved_at = start_epoch * steps + start_step  # the position last.pt holds, in steps
+
+        def on_step(step: int, st: EpochState, lr: float) -> None:
+            nonlocal saved_at
+            self.emit(
+                {
+                    "event": "step",
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "steps": steps,
+                    "loss": st.loss_sum / max(st.images, 1),
+                    "accuracy": st.correct / max(st.images, 1),
+                    "lr": lr,
+                    "images_per_sec": st.images / max(st.seconds, 1e-9),
+                }
+            )
+            # train.checkpoint_every: on_step comes only where the sums were read back (every
+            # step on CPU, every few on GPUs), so save once `every` steps have passed since the
+            # last save. The epoch's last step and interrupts save below.
+            position = epoch * steps + step
+            if every and step < steps and position - saved_at >= every and not stop():
+                self.save("last.pt", self.payload(epoch, step, st))
+                saved_at = position
+
+        if start_epoch >= cfg.train.epochs:  # resuming a finished run: a kill may have come
+            self.write_metrics()  # between its last last.pt and metrics.jsonl
+        for epoch in range(start_epoch, cfg.train.epochs):
+            state, step = self.trainer.run_epoch(
+                epoch, state, start_step if epoch == start_epoch else 0, on_step, stop
+            )
+            if step < steps:  # interrupted mid-epoch
+                self.save("last.pt", self.payload(epoch, step, state))
+                self.interrupted(stop, epoch, step)
+            # Rank 0 evaluates (its weights and BatchNorm statistics are what it saves) and every
+            # rank takes its line, so all of them select the same best epoch.
+            line = self.dist.from_main(self.epoch_line, epoch, state, has_val)
+            self.metrics.append(line)
+            improved = self.best_val is None or not has_val or line["selection_accuracy"] > self.best_val
+            if improved:
+                self.best_val = line["selection_accuracy"] if has_val else None
+                self.best_epoch = epoch + 1
+            payload = self.payload(epoch + 1, 0, EpochState())
+            if improved:
+                best = {**payload, "model": self.selected_weights()}
+                best["ema"] = None  # best.pt holds the selected weights under "model"
+                if self.save_checkpoints:
+                    self.save("best.pt", best)
+                else:
+                    self.best_state = {k: v.clone() for k, v in best["model"].items()}
+            self.save("last.pt", payload)
+            saved_at = (epoch + 1) * steps
+            self.write_metrics()
+            self.emit({"event": "epoch", **line})
+            state = EpochState()
+            if self.dist.any_rank(stop()):
+                self.interrupted(stop, epoch + 1, 0)
+
+    def selected_weights(self) -> dict[str, torch.Tensor]:
+        """The weights that model selection compares: the EMA when on, else the model."""
+        return self.ema.state_dict() if self.ema is not None else self.model.state_dict()
+
+    def epoch_line(self, epoch: int, state: EpochState, has_val: bool) -> dict[str, Any]:
+        cfg = self.config
+        images = max(state.images, 1)
+        line: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": self.schedule.lr_at(epoch, self.trainer.steps_per_epoch - 1),
+            "train_loss": state.loss_sum / images,
+            "train_accuracy": state.correct / images,
+            "train_images_per_sec": state.images / max(state.seconds, 1e-9),
+        }
+        if has_val:
+            val = self.evaluate(None, self.splits.val_images, self.splits.val_labels)
+            line.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            line["selection_accuracy"] = val["accuracy"]
+            if self.ema is not None:
+                ema_val = self.evaluate(self.ema.state_dict(), self.splits.val_images, self.splits.val_labels)
+                line.update(ema_val_loss=ema_val["loss"], ema_val_accuracy=ema_val["accuracy"])
+                line["selection_accuracy"] = ema_val["accuracy"]
+        if cfg.train.test_every_epoch:  # a curve for plots only; never used for selection
+            test = self.evaluate(self.selected_weights(), self.splits.test_images, self.splits.test_labels)
+            line.update(curve_test_loss=test["loss"], curve_test_accuracy=test["accuracy"])
+        line["seconds"] = time.perf_counter() - self.wall_start
+        return line
+
+    def interrupted(self, stop: StopFlag, epoch: int, step: int) -> None:
+        self.dist.barrier()  # every rank stops here; none exits before rank 0 wrote last.pt
+        name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+        code = 130 if stop.signum == signal.SIGINT else 143
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+        resume = self.out_dir / "last.pt"
+        self.emit({"event": "interrupted", "signal": name, "epoch": epoch, "step": step})
+        raise Interrupted(
+            f"stopped by {name} at {where}; last.pt is written. "
+            f"Resume with: cerberus train --resume {resume}",
+            code,
+        )
+
+    def evaluate_best_on_test(self) -> dict[str, Any]:
+        """The test set, evaluated once with the weights best.pt holds (read back from disk, so
+        that `cerberus eval best.pt` reproduces the figure exactly)."""
+        if self.save_checkpoints:
+            best = load_checkpoint(self.out_dir / "best.pt")["model"]
+        else:
+            best = self.best_state
+        report = self.evaluate(best, self.splits.test_images, self.splits.test_labels)
+        return {"accuracy": report["accuracy"], "loss": report["loss"]}
+
+    def finish(self, evaluate_test: bool) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "name": self.config.name,
+            "params": self.params,
+            "epochs": self.config.train.epochs,
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val,
+            "test_accuracy": None,
+            "test_loss": None,
+            "test_images": len(self.splits.test_labels),
+        }
+        if evaluate_test and len(self.splits.test_labels):
+            test = self.dist.from_main(self.evaluate_best_on_test)
+            summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
+            self.emit({"event": "test", "test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+        rates = [m["train_images_per_sec"] for m in self.metrics]
+        summary.update(
+            wall_seconds=time.perf_counter() - self.wall_start,
+            train_images_per_sec=sum(rates) / len(rates) if rates else None,
+            device=str(self.placement.device),
+            precision=self.placement.precision,
+            channels_last=self.placement.channels_last,
+            world_size=self.dist.world_size,
+            peak_rss_mb=round(_peak_rss_mb(), 1),
+            cerberus_version=__version__,
+            torch_version=str(torch.__version__),
+        )
+        if self.dist.is_main:
+            atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.emit({"event": "done", "summary": summary})
+        return summary
+
+
+def _prepare_out_dir(out_dir: Path, resuming: bool) -> None:
+    if not resuming and (out_dir / "last.pt").exists():
+        raise ConfigError(
+            f"{out_dir} already holds a run; continue it with "
+            f"`cerberus train --resume {out_dir / 'last.pt'}` or choose another --out"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the run directory {out_dir}: {err.strerror or err}") from None
+
+
+def train_run(
+    config: ExperimentConfig | None = None,
+    *,
+    out_dir: Path | None = None,
+    data_dir: str | None = None,
+    resume: Path | None = None,
+    on_event: EventSink | None = None,
+    evaluate_test: bool = True,
+    save_checkpoints: bool = True,
+    handle_signals: bool = True,
+) -> RunResult:
+    """Train ``config`` (or continue the run whose ``last.pt`` is ``resume``) to its epochs.
+
+    Raises :class:`~cerberus.errors.Interrupted` after writing ``last.pt`` when SIGINT or
+    SIGTERM arrives, :class:`~cerberus.errors.DivergenceError` on a non-finite loss (nothing is
+    written then), and other :class:`~cerberus.errors.CerberusError` subclasses for bad input.
+    """
+    ckpt = None
+    if resume is not None:
+        resume = Path(resume)
+        ckpt = load_checkpoint(resume)
+        if ckpt.get("format") != FORMAT:
+            raise ConfigError(f"{resume}: not a cerberus training checkpoint; cannot resume from it")
+        config = config_from_dict(ckpt["config"], source=str(resume))
+        out_dir = resume.parent
+    if config is None:
+        raise ConfigError("train_run needs a config or a checkpoint to resume")
+    # The resolved config names the data folder, so that --resume and `cerberus eval` of this
+    # run's checkpoints read the same images.
+    if data_dir is not None or config.data.root is None:
+        root = resolve_data_root(data_dir, config.data.root).absolute()
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": str(root)})})
+
+    # Under torchrun every rank trains; rank 0 alone owns the run directory (lock, files).
+    dist = DistContext.from_env(config.train.device)
+    try:
+        if out_dir is None:  # one timestamp for all ranks
+            out_dir = dist.from_main(default_out_dir, config)
+        out_dir = Path(out_dir)
+        stop = StopFlag()
+        signals = stop_on_signals(stop) if handle_signals else contextlib.nullcontext()
+        with contextlib.ExitStack() as lock, signals:
+            run = Run(config, out_dir, on_event, save_checkpoints, dist)
+            with dist.agreement():  # what may fail on one rank only fails on all
+                if dist.is_main:
+                    _prepare_out_dir(out_dir, resuming=ckpt is not None)
+                    lock.enter_context(run_lock(out_dir))
+                    remove_stale_temporaries(out_dir)
+                    atomic_write(out_dir / "config.toml", config.to_toml())
+                run.load_data()
+            run.setup()
+            start_epoch, start_step, state = 0, 0, EpochState()
+            if ckpt is not None:
+                start_epoch, start_step, state = run.restore(ckpt)
+                del ckpt
+            run.train(start_epoch, start_step, state, stop)
+            summary = run.finish(evaluate_test)
+    finally:
+        dist.close()
+    return RunResult(
+        out_dir=out_dir,
+        summary=summary,
+        best_val_accuracy=run.best_val,
+        epochs_completed=len(run.metrics),
+    )

@@ -1,0 +1,290 @@
+"""The analytic counts of cerberus.arch against fixed references and against built models."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from cerberus.arch import (
+    Architecture,
+    architecture_problems,
+    budget_verdict,
+    check_architecture,
+    check_budget,
+    count_macs,
+    count_params,
+    summarize,
+)
+from cerberus.errors import BudgetError, ConfigError
+from cerberus.model import build_model, resnet24
+
+RESNET24 = Architecture(blocks=(3, 5, 3), channels=(64, 128, 256))
+RESNET18 = Architecture(blocks=(2, 2, 2, 2), channels=(64, 128, 256, 512))
+
+
+def final_side(num_stages: int) -> int:
+    side = 32
+    for _ in range(num_stages - 1):
+        side = (side + 1) // 2
+    return side
+
+
+def random_design(rng: random.Random) -> Architecture:
+    """A small, sound design drawn from the whole design space (kept small so building is fast)."""
+    num_stages = rng.randint(1, 5)
+    side = final_side(num_stages)
+    return Architecture(
+        blocks=tuple(rng.randint(1, 4) for _ in range(num_stages)),
+        channels=tuple(rng.randint(4, 48) for _ in range(num_stages)),
+        conv_kernel=rng.choice((1, 3, 5)),
+        skip_kernel=rng.choice((1, 3)),
+        pool_size=rng.choice([None] + [d for d in range(1, side + 1) if side % d == 0]),
+        stem_channels=rng.choice((None, rng.randint(4, 32))),
+        num_classes=rng.randint(2, 20),
+    )
+
+
+RANDOM_DESIGNS = [random_design(random.Random(seed)) for seed in range(40)]
+
+
+def built_params(arch: Architecture) -> int:
+    return sum(p.numel() for p in build_model(arch).parameters())
+
+
+def measured_macs(arch: Architecture) -> int:
+    """Multiply-accumulates of one image, summed by forward hooks on every conv and linear."""
+    model = build_model(arch).eval()
+    total = 0
+
+    def on_conv(module: nn.Conv2d, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        cin_per_group = module.in_channels // module.groups
+        total += output.shape[2] * output.shape[3] * kh * kw * cin_per_group * module.out_channels
+
+    def on_linear(module: nn.Linear, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += module.in_features * module.out_features
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(on_conv)
+        elif isinstance(module, nn.Linear):
+            module.register_forward_hook(on_linear)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Reference counts
+
+
+def test_seed_resnet24_count() -> None:
+    assert count_params(RESNET24) == 4_918_602
+    assert count_params(Architecture()) == 4_918_602  # the defaults are the seed design
+    assert built_params(RESNET24) == 4_918_602
+    assert sum(p.numel() for p in resnet24().parameters()) == 4_918_602
+
+
+def test_cifar_resnet18_count() -> None:
+    assert count_params(RESNET18) == 11_173_962
+    assert built_params(RESNET18) == 11_173_962
+
+
+def test_reference_macs() -> None:
+    assert count_macs(RESNET24) == 798_689_792
+    assert measured_macs(RESNET24) == 798_689_792
+    assert count_macs(RESNET18) == 555_422_720
+    assert measured_macs(RESNET18) == 555_422_720
+
+
+def test_summary_parts_add_up() -> None:
+    result = summarize(RESNET24, 5_000_000)
+    assert result["params"] == 4_918_602
+    assert result["stem_params"] == 1_856
+    assert result["head_params"] == 2_570
+    assert [s["params"] for s in result["stages"]] == [221_952, 1_411_840, 3_280_384]
+    assert [s["side"] for s in result["stages"]] == [32, 16, 8]
+    parts = result["stem_params"] + sum(s["params"] for s in result["stages"]) + result["head_params"]
+    assert parts == result["params"]
+    assert sum(s["macs"] for s in result["stages"]) < result["macs"]
+    assert result["within_budget"] is True
+    assert result["headroom"] == 81_398
+    assert result["architecture"]["pool_size"] == 8
+    assert result["architecture"]["stem_channels"] == 64
+
+
+def test_label_and_defaults() -> None:
+    assert RESNET24.label() == "B[3,5,3] C[64,128,256] F3 K1 P8"
+    assert Architecture(blocks=(2, 2, 2, 2)).widths == (64, 128, 256, 512)
+    assert RESNET18.final_side == 4
+    assert Architecture(blocks=(1,) * 6, channels=(8,) * 6).final_side == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic counts equal the built model
+
+
+@pytest.mark.parametrize("arch", RANDOM_DESIGNS, ids=lambda a: a.label())
+def test_count_params_matches_built_model(arch: Architecture) -> None:
+    assert count_params(arch) == built_params(arch)
+
+
+@pytest.mark.parametrize("arch", RANDOM_DESIGNS[:6], ids=lambda a: a.label())
+def test_count_macs_matches_forward_hooks(arch: Architecture) -> None:
+    assert count_macs(arch) == measured_macs(arch)
+
+
+def test_six_stages_with_large_kernels_count_exactly() -> None:
+    arch = Architecture(blocks=(1,) * 6, channels=(4, 6, 8, 10, 12, 14), conv_kernel=5, skip_kernel=3)
+    assert architecture_problems(arch) == []
+    assert count_params(arch) == built_params(arch)
+    assert count_macs(arch) == measured_macs(arch)
+
+
+@pytest.mark.parametrize("arch", RANDOM_DESIGNS[:5], ids=lambda a: a.label())
+def test_forward_shape(arch: Architecture) -> None:
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, arch.num_classes)
+
+
+def test_non_global_pool_widens_the_linear_layer() -> None:
+    # blocks [3,5,3] end on an 8x8 map: pool 4 leaves 2x2 per channel -> 256 * 4 inputs
+    arch = Architecture(blocks=(3, 5, 3), channels=(64, 128, 256), pool_size=4)
+    assert arch.head_features == 1024
+    model = build_model(arch)
+    assert model.linear.in_features == 1024
+    assert count_params(arch) == 4_918_602 + (1024 - 256) * 10
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    pool1 = Architecture(blocks=(1, 1), channels=(8, 16), pool_size=1)
+    assert build_model(pool1).linear.in_features == 16 * 16 * 16
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter names (the widely copied CIFAR ResNet layout)
+
+
+def test_state_dict_names_follow_the_kuangliu_layout() -> None:
+    keys = set(build_model(RESNET18).state_dict())
+    for name in (
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+        "bn1.running_mean",
+        "bn1.running_var",
+        "layer1.0.conv1.weight",
+        "layer1.0.bn1.weight",
+        "layer1.1.conv2.weight",
+        "layer1.1.bn2.bias",
+        "layer2.0.shortcut.0.weight",
+        "layer2.0.shortcut.1.weight",
+        "layer2.0.shortcut.1.running_var",
+        "layer4.1.conv2.weight",
+        "linear.weight",
+        "linear.bias",
+    ):
+        assert name in keys, name
+    assert "layer5.0.conv1.weight" not in keys
+    # identity blocks (stride 1, same width) have no shortcut parameters at all
+    for block in ("layer1.0", "layer1.1", "layer2.1", "layer4.1"):
+        assert not any(k.startswith(f"{block}.shortcut") for k in keys), block
+    for block in ("layer2.0", "layer3.0", "layer4.0"):
+        assert f"{block}.shortcut.0.weight" in keys
+    assert build_model(RESNET18).layer2[0].shortcut[0].weight.shape == (128, 64, 1, 1)
+
+
+def test_stem_width_differing_from_stage_one_gives_a_projection() -> None:
+    arch = Architecture(blocks=(1, 1), channels=(16, 32), stem_channels=8, skip_kernel=3)
+    keys = set(build_model(arch).state_dict())
+    assert "layer1.0.shortcut.0.weight" in keys
+    assert build_model(arch).layer1[0].shortcut[0].weight.shape == (16, 8, 3, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Problems and the budget
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        (
+            Architecture(blocks=(3, 5, 3), channels=(64, 128)),
+            ("channels", "has 2 entries but blocks has 3: give one width per stage"),
+        ),
+        (Architecture(conv_kernel=4), ("conv_kernel", "must be a positive odd number, got 4")),
+        (Architecture(skip_kernel=2), ("skip_kernel", "must be a positive odd number, got 2")),
+        (Architecture(conv_kernel=0), ("conv_kernel", "must be a positive odd number, got 0")),
+        (
+            Architecture(pool_size=3),
+            ("pool_size", "3 must divide the final 8x8 feature map (choose one of [1, 2, 4, 8])"),
+        ),
+        (
+            Architecture(pool_size=16),
+            ("pool_size", "16 must divide the final 8x8 feature map (choose one of [1, 2, 4, 8])"),
+        ),
+        (
+            Architecture(blocks=(2, 2, 2, 2), pool_size=3),
+            ("pool_size", "3 must divide the final 4x4 feature map (choose one of [1, 2, 4])"),
+        ),
+        (
+            Architecture(blocks=(1,) * 7),
+            (
+                "blocks",
+                "7 stages do not fit a 32-pixel input: each stage after the first halves the "
+                "feature map, so at most 6 stages",
+            ),
+        ),
+        (Architecture(blocks=(3, 0, 3)), ("blocks", "every stage needs at least 1 block, got [3, 0, 3]")),
+        (Architecture(blocks=()), ("blocks", "needs at least one stage")),
+        (Architecture(channels=(64, 0, 256)), ("channels", "widths must be positive, got [64, 0, 256]")),
+        (Architecture(stem_channels=0), ("stem_channels", "must be positive, got 0")),
+        (Architecture(num_classes=0), ("num_classes", "must be positive, got 0")),
+    ],
+)
+def test_architecture_problems(arch: Architecture, expected: tuple[str, str]) -> None:
+    assert architecture_problems(arch) == [expected]
+    with pytest.raises(ConfigError) as info:
+        check_architecture(arch)
+    assert str(info.value) == f"model.{expected[0]}: {expected[1]}"
+
+
+def test_every_problem_is_listed() -> None:
+    problems = architecture_problems(Architecture(channels=(8, 8), conv_kernel=2, skip_kernel=4))
+    assert [name for name, _ in problems] == ["channels", "conv_kernel", "skip_kernel"]
+
+
+def test_sound_designs_pass_and_unsound_ones_cannot_be_built() -> None:
+    assert architecture_problems(RESNET24) == []
+    assert check_architecture(RESNET24) is RESNET24
+    with pytest.raises(ConfigError, match="conv_kernel"):
+        build_model(Architecture(conv_kernel=4))
+
+
+def test_budget_verdict_strings() -> None:
+    assert budget_verdict(4_918_602, 5_000_000) == "81,398 under the 5,000,000 budget"
+    assert budget_verdict(11_173_962, 5_000_000) == "over the 5,000,000 budget by 6,173,962"
+    assert budget_verdict(5_000_000, 5_000_000) == "0 under the 5,000,000 budget"
+
+
+def test_check_budget() -> None:
+    assert check_budget(RESNET24, 5_000_000) == 4_918_602
+    assert check_budget(RESNET24, 4_918_602) == 4_918_602  # the budget itself is allowed
+    with pytest.raises(BudgetError) as info:
+        check_budget(RESNET18, 5_000_000)
+    assert str(info.value) == "model has 11,173,962 parameters, over the 5,000,000 budget by 6,173,962"
+    assert info.value.exit_code == 2
+
+
+def test_counting_does_not_import_torch() -> None:
+    code = "import cerberus.arch, cerberus.config, sys; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,247 @@
+"""``cerberus count-params`` driven through the CLI runner, plus the fast-startup guarantees."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cerberus import __version__
+from cerberus.cli import app
+
+RESNET18_FLAGS = ["--blocks", "2", "2", "2", "2", "--channels", "64", "128", "256", "512"]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):
+    return runner.invoke(app, ["count-params", *args])
+
+
+def assert_clean_refusal(result, message: str) -> None:
+    """Exit code 2, one ``Error:`` line naming the problem, no traceback and nothing on stdout."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ")
+    assert message in result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+
+
+def test_seed_design(runner: CliRunner) -> None:
+    result = invoke(runner, "--blocks", "3", "5", "3")
+    assert result.exit_code == 0, result.output
+    assert "parameters: 4,918,602" in result.stdout
+    assert "MACs/image: 798,689,792" in result.stdout
+    assert "81,398 under the 5,000,000 budget" in result.stdout
+    assert "within budget" in result.stdout
+    assert "layer3" in result.stdout  # the per-stage table
+    assert result.stderr == ""
+
+
+def test_defaults_are_the_seed_design(runner: CliRunner) -> None:
+    result = invoke(runner)
+    assert result.exit_code == 0, result.output
+    assert "parameters: 4,918,602" in result.stdout
+
+
+def test_repeated_option_form(runner: CliRunner) -> None:
+    result = invoke(runner, "--blocks", "3", "--blocks", "5", "--blocks", "3")
+    assert result.exit_code == 0, result.output
+    assert "parameters: 4,918,602" in result.stdout
+    assert "81,398 under the 5,000,000 budget" in result.stdout
+
+
+def test_json(runner: CliRunner) -> None:
+    result = invoke(runner, "--blocks", "3", "5", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params"] == 4_918_602
+    assert data["budget"] == 5_000_000
+    assert data["within_budget"] is True
+    assert data["macs"] == 798_689_792
+    assert data["verdict"] == "81,398 under the 5,000,000 budget"
+    assert data["architecture"]["channels"] == [64, 128, 256]
+    assert [stage["params"] for stage in data["stages"]] == [221_952, 1_411_840, 3_280_384]
+
+
+def test_resnet18_is_over_budget(runner: CliRunner) -> None:
+    result = invoke(runner, *RESNET18_FLAGS, "--json")
+    assert result.exit_code == 0, result.output  # count-params reports the budget, it does not refuse
+    data = json.loads(result.stdout)
+    assert data["params"] == 11_173_962
+    assert data["within_budget"] is False
+    assert data["headroom"] == -6_173_962
+    assert data["verdict"] == "over the 5,000,000 budget by 6,173,962"
+    text = invoke(runner, *RESNET18_FLAGS)
+    assert "OVER BUDGET" in text.stdout
+    assert "over the 5,000,000 budget by 6,173,962" in text.stdout
+
+
+def test_mixed_list_forms_and_design_flags(runner: CliRunner) -> None:
+    result = invoke(
+        runner,
+        *("--blocks", "2", "--blocks", "2", "2", "2"),
+        *("--channels", "64", "128", "256", "512"),
+        *("--pool-size", "2", "--conv-kernel", "3", "--num-classes", "100", "--json"),
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["architecture"]["blocks"] == [2, 2, 2, 2]
+    assert data["architecture"]["pool_size"] == 2
+    # pool 2 on the final 4x4 map: 512 * 2 * 2 inputs to a 100-way linear layer
+    assert data["head_params"] == 512 * 4 * 100 + 100
+
+
+def test_max_params(runner: CliRunner) -> None:
+    result = invoke(runner, *RESNET18_FLAGS, "--max-params", "12000000", "--json")
+    data = json.loads(result.stdout)
+    assert data["budget"] == 12_000_000
+    assert data["within_budget"] is True
+    assert data["verdict"] == "826,038 under the 12,000,000 budget"
+    result = invoke(runner, "--max-params", "4000000")
+    assert "over the 4,000,000 budget by 918,602" in result.stdout
+
+
+def test_max_params_must_be_positive(runner: CliRunner) -> None:
+    assert_clean_refusal(invoke(runner, "--max-params", "0"), "--max-params: must be positive, got 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+
+
+def test_config_file(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "r18.toml"
+    path.write_text(
+        "[model]\nblocks = [2, 2, 2, 2]\nchannels = [64, 128, 256, 512]\nmax_params = 12_000_000\n"
+    )
+    result = invoke(runner, str(path), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params"] == 11_173_962
+    assert data["budget"] == 12_000_000  # the config's budget
+    assert data["within_budget"] is True
+    data = json.loads(invoke(runner, str(path), "--max-params", "5000000", "--json").stdout)
+    assert data["within_budget"] is False
+
+
+def test_config_and_flags_conflict(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nblocks = [1, 1]\n")
+    for flags in (["--blocks", "2"], ["--conv-kernel", "5"], ["--channels", "8", "16"]):
+        assert_clean_refusal(
+            invoke(runner, str(path), *flags),
+            "give either a config file or design flags (--blocks ...), not both",
+        )
+
+
+def test_bad_config_file(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nblok = [1, 1]\n")
+    assert_clean_refusal(invoke(runner, str(path)), "model.blok: unknown key")
+    assert_clean_refusal(invoke(runner, str(tmp_path / "missing.toml")), "no such config file")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad flags: exit 2, the flag named, no traceback
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--conv-kernel", "4"], "Error: --conv-kernel: must be a positive odd number, got 4"),
+        (["--skip-kernel", "2"], "Error: --skip-kernel: must be a positive odd number, got 2"),
+        (["--blocks", "3", "5", "3", "--channels", "64", "128"], "Error: --channels: has 2 entries"),
+        (["--blocks", "3", "0", "3"], "Error: --blocks: every stage needs at least 1 block, got [3, 0, 3]"),
+        (["--blocks", "1", "1", "1", "1", "1", "1", "1"], "Error: --blocks: 7 stages do not fit"),
+        (["--pool-size", "3"], "Error: --pool-size: 3 must divide the final 8x8 feature map"),
+        (["--stem-channels", "0"], "Error: --stem-channels: must be positive, got 0"),
+        (["--num-classes", "0"], "Error: --num-classes: must be positive, got 0"),
+    ],
+)
+def test_bad_design_flags(runner: CliRunner, flags: list[str], message: str) -> None:
+    result = invoke(runner, *flags)
+    assert_clean_refusal(result, message)
+    assert result.stderr.startswith(message)
+
+
+def test_non_integer_flag_is_a_usage_error(runner: CliRunner) -> None:
+    result = invoke(runner, "--blocks", "three")
+    assert result.exit_code == 2
+    assert "--blocks" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# Summary, version, help
+
+
+def test_summary_adds_the_torchinfo_table(runner: CliRunner) -> None:
+    result = invoke(runner, "--blocks", "3", "5", "3", "--summary")
+    assert result.exit_code == 0, result.output
+    assert "Total params: 4,918,602" in result.stdout
+    assert "Trainable params: 4,918,602" in result.stdout
+    assert "parameters: 4,918,602" in result.stdout
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"cerberus {__version__}\n"
+
+
+def test_help_lists_count_params(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "count-params" in result.stdout
+    result = invoke(runner, "--help")
+    assert result.exit_code == 0
+    for flag in ("--blocks", "--channels", "--conv-kernel", "--max-params", "--summary", "--json"):
+        assert flag in result.stdout
+
+
+def test_count_params_is_registered() -> None:
+    names = list(typer.main.get_command(app).commands)
+    assert "count-params" in names
+
+
+# --------------------------------------------------------------------------------------------
+# Real processes
+
+
+def test_python_m_cerberus_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cerberus", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"cerberus {__version__}\n"
+
+
+def test_building_the_cli_and_help_do_not_import_torch() -> None:
+    # what keeps `cerberus --help` fast: torch is imported inside commands that need it
+    code = (
+        "import sys, typer\n"
+        "from typer.testing import CliRunner\n"
+        "from cerberus.cli import app\n"
+        "typer.main.get_command(app)\n"
+        "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
+        "assert CliRunner().invoke(app, ['count-params', '--help']).exit_code == 0\n"
+        "assert CliRunner().invoke(app, ['count-params', '--json']).exit_code == 0\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,322 @@
+"""Config loading, ``--set`` overrides and the budget check of cerberus.config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cerberus.arch import Architecture
+from cerberus.config import (
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+    read_toml,
+)
+from cerberus.errors import BudgetError, ConfigError
+
+RESNET18_SET = ["model.blocks=[2, 2, 2, 2]", "model.channels=[64, 128, 256, 512]"]
+BUDGET_MESSAGE = "model has 11,173,962 parameters, over the 5,000,000 budget by 6,173,962"
+
+FULL_TOML = """\
+name = "wide-k3"
+seed = 7
+
+[model]
+blocks = [2, 3, 2]
+channels = [48, 96, 192]
+conv_kernel = 3
+skip_kernel = 3
+pool_size = 4
+stem_channels = 32
+num_classes = 10
+max_params = 4_000_000
+
+[data]
+root = "/tmp/cifar"
+download = false
+url = "file:///tmp/cifar-10-python.tar.gz"
+val_size = 2000
+split_seed = 3
+train_subset = 20000
+test_subset = 5000
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+
+[augment]
+crop_padding = 2
+crop_mode = "reflect"
+flip = false
+rotation = 10.0
+cutout_size = 8
+cutout_holes = 2
+mixup_alpha = 0.2
+cutmix_alpha = 1.0
+mix_prob = 0.5
+label_smoothing = 0.1
+
+[train]
+epochs = 40
+batch_size = 256
+eval_batch_size = 500
+optimizer = "adamw"
+lr = 0.002
+momentum = 0.85
+nesterov = true
+weight_decay = 0.05
+decay_bn_and_bias = false
+schedule = "seed"
+warmup_epochs = 1.5
+milestones = [20, 30]
+gamma = 0.2
+t_max = 35
+min_lr = 1e-5
+onecycle_peak = 0.3
+ema_decay = 0.999
+grad_clip = 5.0
+precision = "bf16"
+device = "cpu"
+channels_last = true
+compile = true
+threads = 2
+sync_bn = true
+test_every_epoch = true
+checkpoint_every = 100
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults and round trips
+
+
+def test_defaults_load() -> None:
+    config = load_config(None)
+    assert config == ExperimentConfig()
+    assert config.name == "cerberus"
+    assert config.model.blocks == [3, 5, 3]
+    assert config.model.channels is None
+    assert config.model.max_params == 5_000_000
+    assert config.model.architecture() == Architecture(blocks=(3, 5, 3))
+    assert config.train.epochs == 30
+    assert config.train.lr == 0.1
+    assert config.data.val_size == 5000
+
+
+def test_full_config_loads_every_value(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL_TOML))
+    assert config.name == "wide-k3"
+    assert config.seed == 7
+    assert config.model.architecture() == Architecture(
+        blocks=(2, 3, 2), channels=(48, 96, 192), skip_kernel=3, pool_size=4, stem_channels=32
+    )
+    assert config.data.download is False
+    assert config.data.train_subset == 20_000
+    assert config.augment.crop_mode == "reflect"
+    assert config.train.optimizer == "adamw"
+    assert config.train.milestones == [20, 30]
+    assert config.train.min_lr == 1e-5
+    assert config.train.precision == "bf16"
+    assert config.train.channels_last is True
+
+
+def test_full_config_round_trips_through_toml(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL_TOML))
+    again = load_config(write(tmp_path, config.to_toml(), "again.toml"))
+    assert again == config
+    assert again.to_dict() == config.to_dict()
+
+
+def test_defaults_round_trip_through_toml(tmp_path: Path) -> None:
+    text = ExperimentConfig().to_toml()
+    assert "channels_last" not in text  # None is omitted: TOML has no null
+    assert load_config(write(tmp_path, text)) == ExperimentConfig()
+
+
+def test_ints_are_accepted_for_floats(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[train]\nlr = 1\nwarmup_epochs = 2\n"))
+    assert config.train.lr == 1.0
+    assert isinstance(config.train.lr, float)
+    assert config.train.warmup_epochs == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# --set overrides
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "value"),
+    [
+        ("train.lr=0.05", ["train", "lr"], 0.05),
+        ("train.epochs=12", ["train", "epochs"], 12),
+        ("train.epochs = 12", ["train", "epochs"], 12),
+        ("train.min_lr=1e-4", ["train", "min_lr"], 1e-4),
+        ("model.blocks=[2, 2, 2]", ["model", "blocks"], [2, 2, 2]),
+        ("train.nesterov=true", ["train", "nesterov"], True),
+        ("data.download=false", ["data", "download"], False),
+        ('name="my run"', ["name"], "my run"),
+        ("name=baseline", ["name"], "baseline"),
+        ("train.device=cpu", ["train", "device"], "cpu"),
+        ("data.root=/data/cifar-10", ["data", "root"], "/data/cifar-10"),
+        ("data.url=file:///tmp/c.tar.gz", ["data", "url"], "file:///tmp/c.tar.gz"),
+        ("seed=-3", ["seed"], -3),
+        ('data.url="http://x/?a=b"', ["data", "url"], "http://x/?a=b"),
+    ],
+)
+def test_parse_override(text: str, path: list[str], value: object) -> None:
+    assert parse_override(text) == (path, value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("train.lr", "expected KEY=VALUE"),
+        ("=0.1", "expected KEY=VALUE"),
+        (".lr=0.1", "expected KEY=VALUE"),
+        ("train..lr=0.1", "expected KEY=VALUE"),
+        ("train.lr.=0.1", "expected KEY=VALUE"),
+        ("1train=3", "expected KEY=VALUE"),
+        ("train.lr=", "'' is not a valid TOML value"),
+        ("model.blocks=[3, 5", "'[3, 5' is not a valid TOML value"),
+        ("name=my run", "'my run' is not a valid TOML value"),
+        ('name="unclosed', "is not a valid TOML value"),
+        ("seed=1\n[train]", "is not a single TOML value"),
+        ("train.lr=0.1=x", "'0.1=x' is not a valid TOML value"),
+    ],
+)
+def test_bad_override_forms(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_override(text)
+    message = str(info.value)
+    assert message.startswith(f"--set {text!r}: ")
+    assert reason in message
+
+
+def test_apply_overrides_nests_and_copies() -> None:
+    data = {"model": {"blocks": [3, 5, 3]}, "name": "a"}
+    result = apply_overrides(data, ["model.blocks=[2, 2]", "train.lr=0.05", "name=b", "train.epochs=3"])
+    assert result == {"model": {"blocks": [2, 2]}, "name": "b", "train": {"lr": 0.05, "epochs": 3}}
+    assert data == {"model": {"blocks": [3, 5, 3]}, "name": "a"}  # the input is untouched
+
+
+def test_override_through_a_value_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({"model": {"blocks": [3]}}, ["model.blocks.first=2"])
+    assert str(info.value) == "--set 'model.blocks.first=2': 'blocks' is not a section"
+
+
+def test_overrides_apply_on_top_of_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL_TOML)
+    config = load_config(path, ["train.epochs=5", "train.warmup_epochs=0", "model.pool_size=1"])
+    assert config.train.epochs == 5
+    assert config.model.pool_size == 1
+    assert config.train.optimizer == "adamw"  # the rest of the file stays
+
+
+def test_overrides_on_the_defaults() -> None:
+    config = load_config(None, ["model.blocks=[1, 1]", "train.device=cpu", "augment.flip=false"])
+    assert config.model.blocks == [1, 1]
+    assert config.train.device == "cpu"
+    assert config.augment.flip is False
+
+
+def test_unknown_key_via_set_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.blok=3"])
+    assert str(info.value) == "config: invalid config\nmodel.blok: unknown key"
+    with pytest.raises(ConfigError, match=r"optim: unknown key"):
+        load_config(None, ["optim.lr=0.1"])
+
+
+def test_bare_word_for_a_number_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train\.epochs: Input should be a valid integer"):
+        load_config(None, ["train.epochs=ten"])
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"train": {"epochs": "30"}}, "train.epochs: Input should be a valid integer"),
+        ({"model": {"blocks": ["3", "5", "3"]}}, "model.blocks.0: Input should be a valid integer"),
+        ({"model": {"blocks": [True, True]}}, "model.blocks.0: Input should be a valid integer"),
+        ({"data": {"download": "yes"}}, "data.download: Input should be a valid boolean"),
+        ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+        ({"data": {"mean": [float("nan"), 0.5, 0.5]}}, "data.mean.0: Input should be a finite number"),
+        ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),
+        ({"data": {"val_size": 50_000}}, "val_size (50000) must be smaller than the 50,000 training"),
+        ({"data": {"train_subset": 100, "val_size": 100}}, "must be smaller than train_subset (100)"),
+        ({"train": {"epochs": 3, "warmup_epochs": 3}}, "warmup_epochs (3.0) must be less than epochs (3)"),
+        ({"train": {"milestones": [20, 10]}}, "milestones must be positive and increasing, got [20, 10]"),
+        ({"model": {"conv_kernel": 4}}, "model: conv_kernel: must be a positive odd number, got 4"),
+    ],
+)
+def test_invalid_data_is_refused(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert str(info.value).startswith("config: invalid config\n")
+    assert expected in str(info.value)
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[train]\nepochs = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: invalid config\ntrain.epochs: Input should be greater than 0"
+
+
+def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[train]\nepochs = 3\nlr = = 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        read_toml(path)
+    assert str(info.value).startswith(f"{path}:3: TOML syntax error: ")
+    assert "line" not in str(info.value).removeprefix(f"{path}:3")  # the position is said once
+
+
+# --------------------------------------------------------------------------------------------
+# The parameter budget
+
+
+def test_budget_error_message() -> None:
+    with pytest.raises(BudgetError) as info:
+        load_config(None, RESNET18_SET)
+    assert BUDGET_MESSAGE in str(info.value)
+    assert str(info.value) == f"config: {BUDGET_MESSAGE}"
+    assert isinstance(info.value, ConfigError)
+    assert info.value.exit_code == 2
+
+
+def test_budget_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[model]\nblocks = [2, 2, 2, 2]\nchannels = [64, 128, 256, 512]\n")
+    with pytest.raises(BudgetError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {BUDGET_MESSAGE}"
+
+
+def test_enforce_budget_false_skips_the_check() -> None:
+    config = load_config(None, RESNET18_SET, enforce_budget=False)
+    assert config.model.blocks == [2, 2, 2, 2]
+
+
+def test_raised_budget_lets_resnet18_load() -> None:
+    config = load_config(None, [*RESNET18_SET, "model.max_params=12_000_000"])
+    assert config.model.max_params == 12_000_000
+    with pytest.raises(BudgetError, match="over the 11,173,961 budget by 1"):
+        load_config(None, [*RESNET18_SET, "model.max_params=11_173_961"])
+    assert load_config(None, [*RESNET18_SET, "model.max_params=11_173_962"]).model.max_params == 11_173_962
+
+
+def test_lowered_budget_refuses_the_seed_model() -> None:
+    with pytest.raises(BudgetError) as info:
+        load_config(None, ["model.max_params=4_000_000"])
+    assert str(info.value) == "config: model has 4,918,602 parameters, over the 4,000,000 budget by 918,602"

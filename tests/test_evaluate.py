@@ -1,0 +1,314 @@
+"""Evaluation: logits, the classification report, loading weights, and the ``eval`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from cerberus.arch import Architecture
+from cerberus.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+from cerberus.cli import app
+from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, ExperimentConfig
+from cerberus.data import CLASSES, load_cifar10
+from cerberus.device import Placement
+from cerberus.errors import CheckpointError, ConfigError, DataError
+from cerberus.evaluate import (
+    TTA_VIEWS,
+    classification_report,
+    confusion_plot,
+    evaluate_checkpoint,
+    load_model,
+    predict_logits,
+)
+from cerberus.model import build_model
+
+TINY = Architecture(blocks=(1, 1), channels=(8, 16))
+CPU = Placement(torch.device("cpu"), "fp32", channels_last=False)
+runner = CliRunner()
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(TINY).eval()
+
+
+def by_hand(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return model((images.float() / 255 - mean_t) / std_t)
+
+
+@pytest.fixture
+def weights(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(tiny_model().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_set(fake_cifar):
+    data = load_cifar10(fake_cifar, download=False, split="test")
+    return data.test_images, data.test_labels
+
+
+# --------------------------------------------------------------------------------------------
+# classification_report
+
+
+def test_report_on_hand_made_logits():
+    classes = ["a", "b", "c", "d"]
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = F.one_hot(predicted, 4).float() * 2.0  # the right class gets 2, the others 0
+    report = classification_report(logits, labels, classes)
+    assert report["images"] == 6
+    assert report["correct"] == 4
+    assert report["accuracy"] == 4 / 6
+    expected_loss = -math.log(math.exp(2) / (math.exp(2) + 3))
+    wrong_loss = -math.log(1 / (math.exp(2) + 3))
+    assert report["loss"] == pytest.approx((4 * expected_loss + 2 * wrong_loss) / 6, rel=1e-6)
+    assert report["confusion_matrix"] == [
+        [2, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 0, 1, 0],
+        [0, 0, 0, 0],
+    ]
+    rows = {row["class"]: row for row in report["per_class"]}
+    assert rows["a"] == {"class": "a", "accuracy": 2 / 3, "precision": 1.0, "recall": 2 / 3, "support": 3}
+    assert rows["b"] == {"class": "b", "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "support": 2}
+    assert rows["c"] == {"class": "c", "accuracy": 1.0, "precision": 0.5, "recall": 1.0, "support": 1}
+    # no image of class d and none predicted as d: undefined, not zero
+    assert rows["d"] == {"class": "d", "accuracy": None, "precision": None, "recall": None, "support": 0}
+
+
+def test_report_rejects_mismatched_inputs():
+    with pytest.raises(DataError, match=r"expected \(N, 3\)"):
+        classification_report(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long), ["a", "b", "c"])
+    with pytest.raises(DataError, match="3 labels for 4 images"):
+        classification_report(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long), ["a", "b", "c"])
+    with pytest.raises(DataError, match=r"labels must lie in 0\.\.2"):
+        classification_report(torch.zeros(2, 3), torch.tensor([0, 3]), ["a", "b", "c"])
+
+
+# --------------------------------------------------------------------------------------------
+# predict_logits
+
+
+def test_predict_logits_matches_the_model_and_reports_progress():
+    model = tiny_model().train()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    seen = []
+    logits = predict_logits(
+        model,
+        images,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        placement=CPU,
+        batch_size=2,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert logits.dtype == torch.float32 and logits.shape == (5, 10)
+    assert model.training  # the caller's mode is restored
+    torch.testing.assert_close(logits, by_hand(model.eval(), images), rtol=1e-5, atol=1e-5)
+
+
+def test_reduced_precision_and_channels_last_give_float32_logits():
+    model = tiny_model(2)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    bf16 = Placement(torch.device("cpu"), "bf16", channels_last=True)
+    logits = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=bf16, batch_size=3)
+    assert logits.dtype == torch.float32 and logits.shape == (4, 10)
+    torch.testing.assert_close(logits, by_hand(model, images), rtol=0.05, atol=0.05)
+
+
+def test_tta_averages_the_four_documented_views():
+    model = tiny_model(1)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    logits = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU, tta=True)
+    flipped = images.flip(3)
+    # reflect-pad 2, crop at (0, 0): content moves 2 pixels down and right
+    shift = lambda x: F.pad(x.float(), (2, 2, 2, 2), mode="reflect")[:, :, :32, :32].to(torch.uint8)  # noqa: E731
+    views = [images, flipped, shift(images), shift(flipped)]
+    expected = sum(by_hand(model, v) for v in views) / 4
+    assert len(TTA_VIEWS) == 4
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    plain = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU)
+    assert not torch.allclose(plain, logits)
+
+
+def test_predict_logits_rejects_float_images():
+    with pytest.raises(DataError, match="uint8"):
+        predict_logits(
+            tiny_model(), torch.zeros(1, 3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# load_model and evaluate_checkpoint
+
+
+def cerberus_checkpoint(path, *, test_subset: int = 0, eval_batch_size: int = 64):
+    config = ExperimentConfig.model_validate(
+        {
+            "model": {"blocks": [1, 1], "channels": [8, 16]},
+            "data": {"test_subset": test_subset, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+            "train": {"device": "cpu", "precision": "fp32", "eval_batch_size": eval_batch_size},
+        }
+    )
+    save_checkpoint(
+        path,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": tiny_model(0).state_dict(),
+            "ema": tiny_model(1).state_dict(),
+            "epoch": 3,
+            "step": 0,
+            "config": config.to_dict(),
+            "architecture": TINY.to_dict(),
+            "cerberus_version": "0.1.0",
+        },
+    )
+    return path
+
+
+def test_load_model_prefers_ema_weights(tmp_path):
+    path = cerberus_checkpoint(tmp_path / "last.pt")
+    model, info = load_model(path)
+    assert info["source"] == "cerberus" and info["weights"] == "ema"
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert torch.equal(model.state_dict()["linear.weight"], tiny_model(1).state_dict()["linear.weight"])
+    model, info = load_model(path, use_ema=False)
+    assert info["weights"] == "model"
+    assert torch.equal(model.state_dict()["linear.weight"], tiny_model(0).state_dict()["linear.weight"])
+    with pytest.raises(ConfigError, match=r"records its architecture; design overrides \(pool_size\)"):
+        load_model(path, overrides={"pool_size": 4})
+
+
+def test_unusable_weights_are_refused_with_the_reason(tmp_path, fake_cifar):
+    state = tiny_model().state_dict()
+    state["bn1.running_var"][2] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=r"nan\.pt: weight 'bn1\.running_var' holds NaN"):
+        load_model(tmp_path / "nan.pt")
+    torch.manual_seed(0)
+    seven = build_model(Architecture(blocks=(1,), channels=(4,), num_classes=7))
+    torch.save(seven.state_dict(), tmp_path / "7.pt")
+    with pytest.raises(CheckpointError, match="the model has 7 outputs but the dataset has 10 classes"):
+        evaluate_checkpoint(tmp_path / "7.pt", data_dir=fake_cifar)
+
+
+def test_evaluation_of_a_cerberus_checkpoint_uses_its_config(tmp_path, fake_cifar, test_set):
+    path = cerberus_checkpoint(tmp_path / "best.pt", test_subset=50, eval_batch_size=16)
+    result = evaluate_checkpoint(path, data_dir=fake_cifar)
+    images, labels = test_set
+    assert result["images"] == 50 and result["batch_size"] == 16
+    assert (result["device"], result["precision"], result["weights"]) == ("cpu", "fp32", "ema")
+    # what the training loop computes: the same two functions, the same settings
+    logits = predict_logits(
+        tiny_model(1), images[:50], mean=[0.5] * 3, std=[0.25] * 3, placement=CPU, batch_size=16
+    )
+    expected = classification_report(logits, labels[:50], CLASSES)
+    assert result["accuracy"] == expected["accuracy"]
+    assert result["loss"] == expected["loss"]
+    assert result["confusion_matrix"] == expected["confusion_matrix"]
+
+
+def test_confusion_plot_writes_a_png(tmp_path):
+    path = confusion_plot([[3, 1], [0, 2]], ["cat", "dog"], tmp_path)
+    assert path == tmp_path / "confusion.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The eval command
+
+
+def test_eval_json_on_a_plain_state_dict(weights, fake_cifar, test_set):
+    result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar), "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("accuracy", "loss", "images", "per_class", "confusion_matrix", "images_per_sec", "views"):
+        assert key in report
+    images, labels = test_set
+    correct = (by_hand(tiny_model(), images).argmax(1) == labels).sum().item()
+    assert report["images"] == len(labels) == 200
+    assert report["accuracy"] == correct / len(labels)
+    assert report["source"] == "state_dict" and report["views"] == 1
+    assert sum(map(sum, report["confusion_matrix"])) == 200
+    assert [row["support"] for row in report["per_class"]] == torch.bincount(labels, minlength=10).tolist()
+
+
+def test_eval_table_and_out_folder(weights, fake_cifar, tmp_path):
+    out = tmp_path / "report"
+    args = [
+        "eval",
+        str(weights),
+        "--data-dir",
+        str(fake_cifar),
+        "--test-subset",
+        "30",
+        "--tta",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "accuracy" in result.stdout and "confusion matrix" in result.stdout and "airplane" in result.stdout
+    assert "TTA over 4 views" in result.stdout
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["images"] == 30 and saved["tta"] is True
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_overrides_reach_inference(weights, fake_cifar, tmp_path):
+    args = ["--data-dir", str(fake_cifar), "--test-subset", "10", "--json"]
+    # one stage, no projection shortcut: the weights cannot show K, the flag settles it
+    torch.manual_seed(0)
+    one_stage = tmp_path / "one-stage.pt"
+    torch.save(build_model(Architecture(blocks=(1,), channels=(8,))).state_dict(), one_stage)
+    result = runner.invoke(app, ["eval", str(one_stage), *args, "--skip-kernel", "3"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["architecture"]["skip_kernel"] == 3
+    # overrides win over what the weights show, so a wrong one is reported
+    result = runner.invoke(app, ["eval", str(weights), *args, "--skip-kernel", "3"])
+    assert result.exit_code == 1
+    assert "'layer2.0.shortcut.0.weight' has shape [16, 8, 1, 1] but the architecture needs" in result.stderr
+    result = runner.invoke(app, ["eval", str(weights), *args, "--blocks", "2", "2"])
+    assert result.exit_code == 1
+    assert "missing 'layer1.1.conv1.weight'" in result.stderr
+
+
+def test_eval_refuses_a_pickled_module_and_trust_pickle_loads_it(tmp_path, fake_cifar):
+    path = tmp_path / "seed.pt"
+    torch.save({"net": tiny_model()}, path)
+    args = ["eval", str(path), "--data-dir", str(fake_cifar), "--test-subset", "10", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and "arbitrary code" in result.stderr
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, [*args, "--trust-pickle"])
+    assert result.exit_code == 0, result.stderr
+    assert "Warning: --trust-pickle" in result.stderr
+    assert json.loads(result.stdout)["images"] == 10
+
+
+def test_eval_errors_are_one_line(tmp_path, fake_cifar):
+    result = runner.invoke(app, ["eval", str(tmp_path / "missing.pt"), "--data-dir", str(fake_cifar)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tmp_path / 'missing.pt'}: no such checkpoint file\n"
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not weights")
+    result = runner.invoke(app, ["eval", str(bad), "--data-dir", str(fake_cifar)])
+    assert result.exit_code == 1 and "is not a PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["eval", str(bad), "--device", "tpu"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: device: choose one of auto, cpu, cuda, mps, got 'tpu'\n"

@@ -1,0 +1,209 @@
+"""The Kaggle test file: both layouts, safe unpickling, clear errors, and ``cerberus predict``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cerberus.arch import Architecture
+from cerberus.cli import app
+from cerberus.config import CIFAR10_MEAN, CIFAR10_STD
+from cerberus.data import CLASSES
+from cerberus.errors import DataError
+from cerberus.kaggle import read_unlabeled, write_probabilities, write_submission
+from cerberus.model import build_model
+
+N = 12
+runner = CliRunner()
+
+
+def images_chw() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(N, 3, 32, 32), dtype=np.uint8)
+
+
+def write_pickle(path, obj, protocol=pickle.DEFAULT_PROTOCOL):
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+def layout_2024(path, **extra):
+    """cifar_test_nolabels.pkl: N x 3072 channel-major rows."""
+    obj = {b"data": images_chw().reshape(N, 3072), b"ids": np.arange(100, 100 + N), **extra}
+    return write_pickle(path, obj)
+
+
+def layout_2025(path, protocol=pickle.DEFAULT_PROTOCOL):
+    """cifar_test_nolabel.pkl: N x 32 x 32 x 3, channels last."""
+    hwc = np.ascontiguousarray(images_chw().transpose(0, 2, 3, 1))
+    return write_pickle(path, {b"data": hwc, b"ids": np.arange(100, 100 + N)}, protocol)
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "weights.pt"
+    torch.save(build_model(Architecture(blocks=(1, 1), channels=(8, 16))).state_dict(), path)
+    return path
+
+
+def read_csv(path) -> list[list[str]]:
+    with open(path, newline="") as file:
+        return list(csv.reader(file))
+
+
+class Marker:
+    """Unpickling this creates a file: proof that pickled code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_both_layouts_give_the_same_images(tmp_path, protocol):
+    ids_a, a = read_unlabeled(layout_2024(tmp_path / "nolabels.pkl"))
+    ids_b, b = read_unlabeled(layout_2025(tmp_path / "nolabel.pkl", protocol))
+    assert a.dtype == torch.uint8 and a.shape == (N, 3, 32, 32)
+    assert torch.equal(a, torch.from_numpy(images_chw()))
+    assert torch.equal(a, b)
+    assert ids_a == ids_b == list(range(100, 100 + N))
+
+
+def test_str_keys_and_default_ids(tmp_path):
+    path = write_pickle(tmp_path / "t.pkl", {"data": images_chw().reshape(N, 3072)})
+    ids, images = read_unlabeled(path)
+    assert ids == list(range(N))
+    assert torch.equal(images, torch.from_numpy(images_chw()))
+
+
+def test_layout_override_reinterprets_each_image(tmp_path):
+    path = layout_2025(tmp_path / "nolabel.pkl")
+    _, images = read_unlabeled(path, layout="chw")
+    hwc = images_chw().transpose(0, 2, 3, 1)
+    assert torch.equal(images, torch.from_numpy(np.ascontiguousarray(hwc).reshape(N, 3, 32, 32)))
+    _, images = read_unlabeled(layout_2024(tmp_path / "nolabels.pkl"), layout="hwc")
+    rows = images_chw().reshape(N, 32, 32, 3).transpose(0, 3, 1, 2)
+    assert torch.equal(images, torch.from_numpy(np.ascontiguousarray(rows)))
+
+
+def test_malicious_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "MARKER"
+    path = write_pickle(tmp_path / "evil.pkl", {b"data": Marker(marker)})
+    with pytest.raises(DataError, match=r"holds Python objects other than numpy arrays \(io\.open\)"):
+        read_unlabeled(path)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def test_write_submission_and_probabilities(tmp_path):
+    write_submission(tmp_path / "sub.csv", [7, 8, 9], torch.tensor([3, 0, 9]))
+    assert (tmp_path / "sub.csv").read_text() == "ID,Labels\n7,3\n8,0\n9,9\n"
+    probs = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    write_probabilities(tmp_path / "p.csv", ["a", "b"], probs, ["cat", "dog"])
+    assert (tmp_path / "p.csv").read_text() == "ID,cat,dog\na,0.250000,0.750000\nb,1.000000,0.000000\n"
+    with pytest.raises(DataError, match="3 ids but 2 labels"):
+        write_submission(tmp_path / "bad.csv", [1, 2, 3], [0, 1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "sub.csv"]
+
+
+# --------------------------------------------------------------------------------------------
+# cerberus predict
+
+
+def test_predict_gives_identical_submissions_for_both_layouts(tmp_path, weights):
+    outputs = []
+    for name, writer in (("nolabels.pkl", layout_2024), ("nolabel.pkl", layout_2025)):
+        out = tmp_path / f"{name}.csv"
+        result = runner.invoke(app, ["predict", str(weights), "--input", str(writer(tmp_path / name)),
+                                     "--output", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        assert f"wrote {N} predictions" in result.stdout
+        outputs.append(read_csv(out))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0] == ["ID", "Labels"]
+    assert [row[0] for row in outputs[0][1:]] == [str(i) for i in range(100, 100 + N)]
+    # the labels are the model's own argmax on the normalised images
+    torch.manual_seed(0)
+    model = build_model(Architecture(blocks=(1, 1), channels=(8, 16))).eval()
+    x = torch.from_numpy(images_chw()).float() / 255
+    x = (x - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = model(x).argmax(1).tolist()
+    assert [int(row[1]) for row in outputs[0][1:]] == expected
+
+
+def test_predict_json_probabilities_and_tta(tmp_path, weights):
+    source = layout_2025(tmp_path / "nolabel.pkl")
+    out, probs = tmp_path / "sub.csv", tmp_path / "probs.csv"
+    args = ["predict", str(weights), "--input", str(source), "--output", str(out), "--probs", str(probs)]
+    result = runner.invoke(app, [*args, "--tta", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == N and report["layout"] == "hwc" and report["views"] == 4
+    assert sum(report["predicted_counts"].values()) == N
+    rows = read_csv(probs)
+    assert rows[0] == ["ID", *CLASSES]
+    assert len(rows) == N + 1
+    assert all(abs(sum(map(float, row[1:])) - 1) < 1e-5 for row in rows[1:])
+    labels = [int(row[1]) for row in read_csv(out)[1:]]
+    assert labels == [int(np.argmax([float(p) for p in row[1:]])) for row in rows[1:]]
+
+
+def bad_inputs(tmp_path) -> list[tuple[object, str]]:
+    good = images_chw().reshape(N, 3072)
+    return [
+        ("text", "is not a pickle file"),
+        (b"", "is empty or truncated"),
+        ([1, 2, 3], "holds a list; expected a dict with 'data' and 'ids'"),
+        ({b"ids": np.arange(N)}, "has no 'data' entry (found keys: 'ids')"),
+        ({b"data": good[:, :100]}, "'data' has shape [12, 100]; expected N x 3072"),
+        ({b"data": good.astype(np.float32) / 255}, "'data' has dtype float32; expected uint8"),
+        ({b"data": good, b"ids": np.arange(N - 1)}, "has 11 ids but 12 images"),
+        ({b"data": good[:0]}, "holds no images"),
+        ({b"data": Marker(tmp_path / "MARKER")}, "could run arbitrary code"),
+    ]
+
+
+def test_each_bad_input_gets_its_own_message(tmp_path, weights):
+    for i, (content, message) in enumerate(bad_inputs(tmp_path)):
+        path = tmp_path / f"bad{i}.pkl"
+        if content == "text":
+            path.write_text("ID,Labels\n1,2\n")
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            write_pickle(path, content)
+        result = runner.invoke(app, ["predict", str(weights), "--input", str(path), "--output", "x.csv"])
+        assert result.exit_code == 1, message
+        assert result.stderr.startswith("Error: "), result.stderr
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "MARKER").exists()
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_predict_flag_errors(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", "o.csv",
+                                 "--layout", "nhwc"])  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --layout: choose chw or hwc, got 'nhwc'\n"
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(tmp_path / "nope.pkl"),
+                                 "--output", "o.csv"])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tmp_path / 'nope.pkl'}: no such file\n"

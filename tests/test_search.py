@@ -1,0 +1,457 @@
+"""``cerberus search``: exact vectorised enumeration, and Optuna trials (fake and real training)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from cerberus import search
+from cerberus.arch import Architecture, count_macs, count_params
+from cerberus.cli import app
+from cerberus.config import load_config
+from cerberus.errors import ConfigError
+from cerberus.search import (
+    SearchSpace,
+    count_designs,
+    enumerate_designs,
+    load_space,
+    pareto_front,
+    run_trials,
+    space_from_dict,
+    write_candidate_configs,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A space small enough to list by brute force, using every design variable: per-stage block
+# ranges, growth, kernels, a pool that only divides some final sides, an explicit stem width.
+SMALL_SPACE = {
+    "stages": [2, 3],
+    "blocks": [[1, 3], [1, 2], [1, 4]],
+    "base_width": [4, 6],
+    "growth": [1.5, 2.0],
+    "conv_kernel": [1, 3],
+    "skip_kernel": [1, 3],
+    "pool_size": [0, 2, 16],
+    "stem_channels": [0, 5],
+    "max_params": 9_000,
+    "min_params": 1_000,
+}
+
+
+def brute_force(space: SearchSpace) -> list[tuple[Architecture, int, int]]:
+    """Every distinct design of the space, counted one by one with cerberus.arch."""
+    designs = {}
+    for n in space.stage_counts():
+        ranges = [range(lo, hi + 1) for lo, hi in space.block_ranges(n)]
+        for widths, f, k, pool, stem, blocks in itertools.product(
+            space.widths(n),
+            space.conv_kernel,
+            space.skip_kernel,
+            space.pool_size,
+            space.stem_channels,
+            itertools.product(*ranges),
+        ):
+            side = Architecture(blocks=(1,) * n).final_side
+            if pool and side % pool:
+                continue
+            arch = Architecture(blocks, widths, f, k, pool or side, stem or widths[0])
+            designs[arch] = (arch, count_params(arch), count_macs(arch))
+    return list(designs.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The space
+
+
+def test_default_space_covers_the_seed_exploration() -> None:
+    space = SearchSpace()
+    assert space.stage_counts() == [3, 4]
+    assert space.block_ranges(4) == [(1, 16)] * 4
+    assert space.widths(3)[0] == (16, 32, 64) and space.widths(3)[-1] == (128, 256, 512)
+    assert count_designs(space) == 6 * (16**3 + 16**4) == 417_792
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stage": [3]}, "stage: unknown key"),
+        ({"blocks": [3, 1]}, "1 <= min <= max"),
+        ({"blocks": [0, 2]}, "1 <= min <= max"),
+        ({"blocks": [[1, 2], [1, 2]], "stages": [3]}, "2 ranges given but designs have up to 3 stages"),
+        ({"stages": [7]}, "each count must be 1-6"),
+        ({"conv_kernel": [2]}, "positive odd numbers"),
+        ({"pool_size": [3]}, "[3] divide(s) no final feature map side"),
+        ({"channels": [[8, 16]], "base_width": [8]}, "not both"),
+        ({"channels": [[8, 0]]}, "one positive width per stage"),
+        ({"max_params": 10, "min_params": 10}, "must be below max_params"),
+        ({"growth": ["2"]}, "growth.0"),
+    ],
+)
+def test_space_errors_name_the_key(data, message) -> None:
+    with pytest.raises(ConfigError, match="invalid search space") as err:
+        space_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_space_file_errors_name_the_file(tmp_path) -> None:
+    path = tmp_path / "space.toml"
+    path.write_text("stages = [3]\nwidths = [16]\n")
+    with pytest.raises(ConfigError, match=r"space\.toml: invalid search space\nwidths: unknown key"):
+        load_space(path)
+
+
+def test_example_space_file_loads() -> None:
+    space = load_space(REPO / "configs" / "search-space.toml")
+    assert count_designs(space) == 2_515_968
+
+
+# --------------------------------------------------------------------------------------------
+# Enumeration: exact, complete, within budget
+
+
+def test_linear_costs_equal_arch_counts_on_random_designs() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 6)
+        side = Architecture(blocks=(1,) * n).final_side
+        fam = search._family(
+            tuple(rng.randint(1, 200) for _ in range(n)),
+            rng.choice((1, 3, 5, 7)),
+            rng.choice((1, 3)),
+            rng.choice([d for d in range(1, side + 1) if side % d == 0]),
+            rng.randint(1, 100),
+        )
+        blocks = [rng.randint(1, 20) for _ in range(n)]
+        arch = fam.architecture(blocks)
+        assert fam.const_params + sum(b * a for b, a in zip(blocks, fam.coef_params)) == count_params(arch)
+        assert fam.const_macs + sum(b * a for b, a in zip(blocks, fam.coef_macs)) == count_macs(arch)
+
+
+@pytest.mark.parametrize("chunk", [search.CHUNK_DESIGNS, 5])  # 5: stages split across chunks
+@pytest.mark.parametrize("sort", ["params", "macs"])
+def test_enumeration_equals_brute_force(monkeypatch, chunk, sort) -> None:
+    monkeypatch.setattr(search, "CHUNK_DESIGNS", chunk)
+    space = space_from_dict(SMALL_SPACE)
+    designs = brute_force(space)
+    fits = [d for d in designs if space.min_params <= d[1] <= space.max_params]
+    key = (lambda d: (-d[1], d[2])) if sort == "params" else (lambda d: (d[2], -d[1]))
+    result = enumerate_designs(space, top=25, sort=sort)
+    assert result.total == len(designs) == count_designs(space)
+    assert result.within_budget == len(fits) > 25
+    got = [(c.params, c.macs) for c in result.candidates]
+    assert got == [(p, m) for _, p, m in sorted(fits, key=key)[:25]]
+    for c in result.candidates:  # each listed design is what it says, and within the budget
+        assert count_params(c.architecture) == c.params <= space.max_params
+        assert c.params >= space.min_params
+        assert count_macs(c.architecture) == c.macs
+    listed = {c.architecture for c in enumerate_designs(space, top=10_000, sort=sort).candidates}
+    assert listed == {d[0] for d in fits}  # all of them, nothing over the budget
+
+
+def test_explicit_channel_lists() -> None:
+    space = space_from_dict({"channels": [[8, 16], [8, 12, 16]], "blocks": [1, 3], "max_params": 20_000})
+    designs = brute_force(space)
+    result = enumerate_designs(space, top=3)
+    assert result.total == 9 + 27 == len(designs)
+    assert result.within_budget == sum(p <= 20_000 for _, p, _ in designs)
+    assert [c.params for c in result.candidates] == sorted((p for _, p, _ in designs if p <= 20_000))[::-1][
+        :3
+    ]
+
+
+def test_default_space_within_five_million() -> None:
+    result = enumerate_designs(SearchSpace(), top=3)
+    assert (result.total, result.within_budget) == (417_792, 71_988)
+    best = result.candidates[0]
+    assert best.params == 4_999_898 and best.macs == 138_855_680
+    assert best.architecture.blocks == (5, 2, 8, 15) and best.architecture.widths == (16, 32, 64, 128)
+    assert result.to_dict()["candidates"][0] == {
+        "blocks": [5, 2, 8, 15],
+        "channels": [16, 32, 64, 128],
+        "conv_kernel": 3,
+        "skip_kernel": 1,
+        "pool_size": 4,
+        "stem_channels": 16,
+        "params": 4_999_898,
+        "macs": 138_855_680,
+    }
+
+
+def test_counts_equal_instantiated_models() -> None:
+    from cerberus.model import build_model
+
+    rng = random.Random(1)
+    space = space_from_dict(SMALL_SPACE)
+    candidates = enumerate_designs(space, top=10_000).candidates
+    for c in rng.sample(candidates, 8):
+        assert sum(p.numel() for p in build_model(c.architecture).parameters()) == c.params
+
+
+def test_written_configs_are_valid_train_configs(tmp_path) -> None:
+    result = enumerate_designs(space_from_dict(SMALL_SPACE), top=3)
+    base = {"train": {"epochs": 7}}
+    paths = write_candidate_configs(result, tmp_path / "found", base)
+    assert [p.name[:3] for p in paths] == ["01-", "02-", "03-"]
+    for path, c in zip(paths, result.candidates):
+        assert path.read_text().startswith(f"# {c.params:,} parameters")
+        config = load_config(path)
+        assert config.model.architecture() == c.architecture
+        assert config.model.max_params == 9_000
+        assert config.train.epochs == 7
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: enumeration
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["search", *args])
+
+
+def test_cli_json(tmp_path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [3]\nblocks = [1, 4]\nbase_width = [16, 32]\n")
+    result = invoke(
+        str(space), "--max-params", "500000", "--top", "2", "--json", "--write-configs", str(tmp_path / "out")
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"candidates", "total", "within_budget"}
+    assert data["total"] == 2 * 4**3
+    assert len(data["candidates"]) == 2
+    assert all(c["params"] <= 500_000 for c in data["candidates"])
+    assert data["candidates"][0]["params"] >= data["candidates"][1]["params"]
+    assert len(list((tmp_path / "out").glob("*.toml"))) == 2
+
+
+def test_cli_table() -> None:
+    result = invoke("--max-params", "100000", "--top", "1")
+    assert result.exit_code == 0, result.output
+    assert "417,792 designs counted" in result.stdout
+    assert "within the 100,000-parameter budget" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--storage", "sqlite:///x.db"], "--storage only apply to trials: add --trials N"),
+        (["--set", "train.epochs=2"], "--set only apply to trials"),
+        (["--max-params", "0"], "max_params: Input should be greater than 0"),
+        (["--top", "-1"], "--top: must be 0 or more"),
+        (["missing.toml"], "missing.toml: no such config file"),
+        (["--trials", "1", "--sort", "macs"], "--sort only apply to enumeration: drop --trials"),
+        (["--config", "missing.toml"], "missing.toml: no such config file"),
+    ],
+)
+def test_cli_refusals(args, message) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# Trials with a fake trainer (deterministic accuracies, no torch)
+
+TINY_SPACE = {"stages": [2], "blocks": [1, 3], "base_width": [4, 8], "max_params": 20_000}
+
+
+@dataclass
+class FakeResult:
+    out_dir: Path
+    summary: dict
+    best_val_accuracy: float | None
+    epochs_completed: int
+
+
+class FakeTrainer:
+    """Emits an epoch event per epoch with accuracy ``accuracies[call] * epoch / epochs``."""
+
+    def __init__(self, accuracies=(0.5,), interrupt_on: int | None = None):
+        self.accuracies = accuracies
+        self.interrupt_on = interrupt_on
+        self.configs = []
+        self.epochs_run = []
+
+    def __call__(self, config, *, out_dir, data_dir, on_event, evaluate_test, save_checkpoints, **_):
+        assert not evaluate_test and not save_checkpoints and not config.train.test_every_epoch
+        call = len(self.configs)
+        self.configs.append(config)
+        if call == self.interrupt_on:
+            raise KeyboardInterrupt
+        epochs, best = config.train.epochs, 0.0
+        self.epochs_run.append(0)
+        for epoch in range(1, epochs + 1):
+            accuracy = self.accuracies[min(call, len(self.accuracies) - 1)] * epoch / epochs
+            best = max(best, accuracy)
+            self.epochs_run[-1] = epoch
+            on_event({"event": "epoch", "epoch": epoch, "val_accuracy": accuracy, "val_loss": 1.0})
+        return FakeResult(Path(out_dir), {}, best, epochs)
+
+
+def trials(tmp_path, trainer, n=3, space=TINY_SPACE, **kwargs):
+    kwargs.setdefault("overrides", ["train.epochs=3"])
+    events = []
+    result = run_trials(
+        space_from_dict(space),
+        trials=n,
+        out_dir=tmp_path / "search",
+        seed=0,
+        train_fn=trainer,
+        on_event=events.append,
+        **kwargs,
+    )
+    return result, events
+
+
+def test_trials_write_leaderboard_pareto_and_configs(tmp_path) -> None:
+    trainer = FakeTrainer(accuracies=(0.5, 0.7, 0.6))
+    result, events = trials(tmp_path, trainer, pruner="none")
+    assert result.trials_run == 3 and len(result.leaderboard) == 3
+    assert [r.state for r in result.leaderboard] == ["complete"] * 3
+    assert [r.val_accuracy for r in result.leaderboard] == pytest.approx([0.7, 0.6, 0.5])
+    for r in result.leaderboard:
+        assert r.epochs == r.epochs_planned == 3
+        assert r.params == count_params(Architecture(tuple(r.design["blocks"]), tuple(r.design["channels"])))
+    for config in trainer.configs:  # trials train what the space allows, under the budget
+        assert count_params(config.model.architecture()) <= 20_000
+        assert config.model.max_params == 20_000
+    front = [(r.params, r.val_accuracy) for r in result.pareto]
+    assert front == sorted(front) and front
+    assert result.plot == tmp_path / "search" / "pareto.png" and result.plot.stat().st_size > 0
+    assert [p.parent for p in result.configs] == [tmp_path / "search" / "configs"] * 3
+    best = load_config(result.configs[0])  # the written configs are the defaults + the design
+    assert best.model.architecture().label() == result.leaderboard[0].label
+    assert best.train.epochs == 30
+    saved = json.loads((tmp_path / "search" / "leaderboard.json").read_text())
+    assert saved["leaderboard"][0]["val_accuracy"] == pytest.approx(0.7)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "study" and kinds.count("trial_start") == 3 and kinds.count("trial_epoch") == 9
+    assert kinds.count("trial_end") == 3
+
+
+@pytest.mark.parametrize(("pruner", "epochs"), [("halving", 6), ("hyperband", 2)])
+def test_pruning_stops_a_poor_trial_early(tmp_path, pruner, epochs) -> None:
+    trainer = FakeTrainer(accuracies=(0.9, 0.1))  # the first trial is good, the next ones poor
+    result, _ = trials(tmp_path, trainer, n=2, pruner=pruner, overrides=[f"train.epochs={epochs}"])
+    assert trainer.epochs_run == [epochs, 1]
+    poor = next(r for r in result.leaderboard if r.number == 1)
+    assert (poor.state, poor.epochs, poor.epochs_planned) == ("pruned", 1, epochs)
+    assert "pruned after epoch 1" in poor.note
+    assert [r.number for r in result.pareto] == [0]  # pruned trials are not on the front
+
+
+def test_designs_over_the_budget_never_train(tmp_path) -> None:
+    # base width 32 cannot fit 20,000 parameters even with one block per stage: rejected cheaply;
+    # width 4 fits, and its block ranges are narrowed so that every trained design fits.
+    space = {**TINY_SPACE, "base_width": [4, 32], "blocks": [1, 16]}
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=8, space=space, pruner="none")
+    states = {r.state for r in result.leaderboard}
+    assert states == {"complete", "rejected"}
+    for r in result.leaderboard:
+        assert (r.params <= 20_000) == (r.state == "complete")
+        if r.state == "rejected":
+            assert r.epochs == 0 and r.note.startswith("over budget")
+    assert len(trainer.configs) == sum(r.state == "complete" for r in result.leaderboard)
+    assert all(count_params(c.model.architecture()) <= 20_000 for c in trainer.configs)
+
+
+def test_study_resumes_and_refuses_another_space(tmp_path) -> None:
+    trials(tmp_path, FakeTrainer(), n=2)
+    result, events = trials(tmp_path, FakeTrainer(), n=1)
+    assert events[0]["existing_trials"] == 2
+    assert result.trials_run == 1 and len(result.leaderboard) == 3
+    with pytest.raises(ConfigError, match=r"another search space.*differs in: max_params"):
+        trials(tmp_path, FakeTrainer(), n=1, space={**TINY_SPACE, "max_params": 30_000})
+    report, _ = trials(tmp_path, FakeTrainer(), n=0)  # report only
+    assert len(report.leaderboard) == 3 and report.trials_run == 0
+
+
+def test_ctrl_c_stops_cleanly_and_the_study_continues(tmp_path) -> None:
+    result, _ = trials(tmp_path, FakeTrainer(interrupt_on=1), n=3)
+    assert result.interrupted and result.trials_run == 1
+    assert sorted(r.state for r in result.leaderboard) == ["complete", "failed"]
+    result, _ = trials(tmp_path, FakeTrainer(), n=1)
+    assert not result.interrupted and len(result.leaderboard) == 3
+
+
+def test_trial_config_refusals(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="the model comes from the search space"):
+        trials(tmp_path, FakeTrainer(), overrides=["model.blocks=[1,1]"])
+    with pytest.raises(ConfigError, match=r"data\.val_size is 0"):
+        trials(tmp_path, FakeTrainer(), overrides=["data.val_size=0"])
+    with pytest.raises(ConfigError, match=r"trial config: invalid config\ntrain\.epoch: unknown key"):
+        trials(tmp_path, FakeTrainer(), overrides=["train.epoch=2"])
+    with pytest.raises(ConfigError, match="no study named 'nope'"):
+        trials(tmp_path, FakeTrainer(), n=0, study_name="nope")
+    with pytest.raises(ConfigError, match="cannot open the study storage"):
+        trials(tmp_path, FakeTrainer(), storage="sqlite:////nonexistent/dir/x.db")
+
+
+def test_pareto_front() -> None:
+    points = [(100, 0.5), (200, 0.7), (150, 0.5), (300, 0.7), (250, 0.8), (100, 0.5), (50, 0.1)]
+    # (150, .5) is beaten by (100, .5); (300, .7) by (200, .7); equal points both stay
+    assert pareto_front(points) == [6, 0, 5, 1, 4]
+
+
+def test_cli_trials_json_and_interrupt(tmp_path, monkeypatch) -> None:
+    import cerberus.runner
+
+    monkeypatch.setattr(cerberus.runner, "train_run", FakeTrainer(accuracies=(0.4, 0.6)))
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [2]\nblocks = [1, 2]\nbase_width = [4, 8]\nmax_params = 20000\n")
+    args = [str(space), "--trials", "2", "--out", str(tmp_path / "s"), "--set", "train.epochs=2", "--json"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["leaderboard"]) == 2 and data["pareto"] and len(data["configs"]) == 2
+    assert "trial   0" in result.stderr  # a progress line per trial
+    monkeypatch.setattr(cerberus.runner, "train_run", FakeTrainer(interrupt_on=0))
+    result = invoke(*args[:-1])
+    assert result.exit_code == 130, result.output
+    assert "Run the same command again to continue study 'default'" in result.stderr
+    assert "Leaderboard of study 'default' (3 trials)" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Real training: two processes share one study
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(tmp_path, fake_cifar) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [2]\nblocks = [1, 1]\nbase_width = [4, 8]\nmax_params = 20000\n")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    tiny = (
+        "--trials 2 --study s --json --set train.epochs=2 data.train_subset=60 data.val_size=20 "
+        "train.batch_size=40 train.eval_batch_size=20 train.threads=1 train.device=cpu"
+    )
+    paths = ["--storage", storage, "--data-dir", str(fake_cifar), "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "cerberus", "search", str(space), *paths, *tiny.split()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (stdout, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr
+        assert json.loads(stdout)["trials_run"] == 2
+    study = optuna.load_study(study_name="s", storage=storage)
+    states = [t.state for t in study.get_trials()]
+    assert len(states) == 4
+    assert all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
+    for t in study.get_trials():
+        assert 1 <= t.user_attrs["epochs"] <= 2 and t.user_attrs["params"] <= 20_000

@@ -1,0 +1,206 @@
+"""Training end to end: learning, run directory, determinism, resume, budget, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cerberus.cli import app
+from cerberus.config import load_config
+from cerberus.errors import DivergenceError, Interrupted
+from cerberus.runner import train_run
+
+TINY = """
+name = "tiny"
+seed = 3
+[model]
+blocks = [1, 1]
+channels = [8, 16]
+[data]
+val_size = 100
+[train]
+epochs = 3
+batch_size = 64
+lr = 0.05
+nesterov = true
+schedule = "cosine"
+"""
+
+
+def write_config(tmp_path: Path, text: str = TINY, name: str = "tiny.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    return load_config(write_config(tmp_path), list(overrides))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_cli_trains_and_writes_the_run_directory(tmp_path, fake_cifar):
+    config = write_config(tmp_path)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", str(config), "--data-dir", str(fake_cifar), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("config.toml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "summary.json"):
+        assert (out / name).exists(), name
+    assert (out / "last.pt.sha256").exists()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_images_per_sec"):
+        assert key in lines[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"] == 5_266  # count-params --blocks 1 1 --channels 8 16
+    assert summary["world_size"] == 1
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    # Synthetic classes differ in colour and stripes: three epochs clear chance (0.1) widely.
+    assert summary["test_accuracy"] > 0.5
+    assert summary["best_epoch"] in (1, 2, 3)
+    assert "test accuracy" in result.output
+    # The resolved config is the experiment, with the data folder it used filled in.
+    resolved = load_config(out / "config.toml")
+    assert resolved.data.root == str(fake_cifar.absolute())
+    assert resolved.model_copy(update={"data": load_config(config).data}) == load_config(config)
+
+
+def test_same_seed_gives_bitwise_identical_weights(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    a = train_run(cfg, out_dir=tmp_path / "a", data_dir=str(fake_cifar), evaluate_test=False)
+    b = train_run(cfg, out_dir=tmp_path / "b", data_dir=str(fake_cifar), evaluate_test=False)
+    assert_bitwise_equal(weights(a.out_dir / "last.pt"), weights(b.out_dir / "last.pt"))
+    c = train_run(
+        tiny_config(tmp_path, "train.epochs=1", "seed=4"),
+        out_dir=tmp_path / "c",
+        data_dir=str(fake_cifar),
+        evaluate_test=False,
+    )
+    assert not torch.equal(
+        weights(a.out_dir / "last.pt")["linear.weight"], weights(c.out_dir / "last.pt")["linear.weight"]
+    )
+
+
+def interrupt_at(epoch: int, step: int):
+    """An event sink that sends this process SIGINT after the given step."""
+
+    def sink(event):
+        if event["event"] == "step" and event["epoch"] == epoch and event["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return sink
+
+
+@pytest.mark.parametrize("epoch,step", [(2, 3), (1, 7)])  # mid-epoch; last step of epoch 1
+def test_resume_after_interrupt_is_bitwise_exact(tmp_path, fake_cifar, epoch, step):
+    cfg = tiny_config(tmp_path, "train.ema_decay=0.9", "augment.cutout_size=8", "augment.mixup_alpha=0.4")
+    full = train_run(cfg, out_dir=tmp_path / "full", data_dir=str(fake_cifar))
+    with pytest.raises(Interrupted) as info:
+        train_run(cfg, out_dir=tmp_path / "cut", data_dir=str(fake_cifar), on_event=interrupt_at(epoch, step))
+    assert info.value.exit_code == 130
+    assert "--resume" in str(info.value)
+    resumed = train_run(resume=tmp_path / "cut" / "last.pt")
+    assert resumed.out_dir == tmp_path / "cut"
+    assert_bitwise_equal(weights(full.out_dir / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
+    assert_bitwise_equal(weights(full.out_dir / "best.pt"), weights(tmp_path / "cut" / "best.pt"))
+    metrics_full = (full.out_dir / "metrics.jsonl").read_text().splitlines()
+    metrics_cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics_cut) == 3
+    for a, b in zip(metrics_full, metrics_cut):
+        a, b = json.loads(a), json.loads(b)
+        assert a["val_accuracy"] == b["val_accuracy"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    assert full.summary["test_accuracy"] == resumed.summary["test_accuracy"]
+
+
+def test_over_budget_is_refused_before_any_data_is_read(tmp_path):
+    config = write_config(tmp_path, TINY.replace("channels = [8, 16]", "channels = [2048, 4096]"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", str(config), "--data-dir", str(tmp_path / "nowhere"), "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "over the 5,000,000 budget by" in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_val_size_zero_trains_on_everything_and_best_is_last(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "data.val_size=0", "train.epochs=2")
+    result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    assert result.summary["best_epoch"] == 2
+    assert result.summary["best_val_accuracy"] is None
+    assert_bitwise_equal(weights(result.out_dir / "best.pt"), weights(result.out_dir / "last.pt"))
+
+
+def test_divergence_stops_the_run_and_writes_no_nonfinite_weights(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "train.lr=1e30", "train.epochs=2")
+    with pytest.raises(DivergenceError, match="non-finite"):
+        train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    for name in ("last.pt", "best.pt"):
+        path = tmp_path / "run" / name
+        if path.exists():
+            assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
+
+
+def test_divergence_exit_code_through_the_cli(tmp_path, fake_cifar):
+    config = write_config(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(config),
+            "--set",
+            "train.lr=1e30",
+            "--data-dir",
+            str(fake_cifar),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "Error: the training loss became non-finite" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
+    result = CliRunner().invoke(
+        app,
+        ["train", str(write_config(tmp_path)), "--data-dir", str(fake_cifar), "--out", str(tmp_path / "run")],
+    )
+    assert result.exit_code == 2
+    assert "already holds a run" in result.stderr
+
+
+@pytest.mark.realdata
+def test_tiny_model_learns_real_cifar(tmp_path, real_cifar):
+    cfg = tiny_config(
+        tmp_path,
+        "data.train_subset=3000",
+        "data.val_size=500",
+        "data.test_subset=1000",
+        "train.epochs=3",
+        "train.lr=0.1",
+        "model.channels=[16, 32]",
+    )
+    result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(real_cifar))
+    assert result.summary["test_images"] == 1000
+    assert result.summary["test_accuracy"] > 0.25  # chance is 0.10
