@@ -243,7 +243,7 @@ class ExperimentConfig(BaseModel):
 # Loading
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
         loc = ".".join(str(part) for part in item["loc"])
@@ -299,7 +299,7 @@ def config_from_dict(
         # strict: TOML values are typed, so "30" for epochs or ["3"] for blocks is a mistake
         config = ExperimentConfig.model_validate(data, strict=True)
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid config\n{_format_validation_error(err)}") from None
+        raise ConfigError(f"{source}: invalid config\n{format_validation_error(err)}") from None
     if not enforce_budget:
         return config
     try:

@@ -5,9 +5,14 @@ Builders return objects (rich renderables, strings, paths); only the CLI prints 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from cerberus.search import TrialRecord
 
 
 def params_table(summary: dict[str, Any]) -> Table:
@@ -87,3 +92,48 @@ def plot_curves(metrics: list[dict[str, Any]], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_pareto(
+    records: Sequence[TrialRecord], front: Sequence[TrialRecord], path: Path, budget: int
+) -> Path:
+    """Validation accuracy against parameters: every trial, the front, the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for state, style in (
+        ("pruned", dict(color="0.6", marker="x")),
+        ("complete", dict(color="C0", marker="o")),
+    ):
+        shown = [r for r in records if r.state == state and r.val_accuracy is not None and r.params]
+        if shown:
+            label = f"{state} ({len(shown)})" + (" - accuracy when stopped" if state == "pruned" else "")
+            ax.scatter([r.params for r in shown], [r.val_accuracy for r in shown], label=label, **style)
+    if front:
+        ax.step(
+            [r.params for r in front],
+            [r.val_accuracy for r in front],
+            where="post",
+            color="C3",
+            marker="o",
+            label="Pareto front",
+        )
+        for r in front:
+            ax.annotate(
+                f"#{r.number}",
+                (r.params, r.val_accuracy),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.axvline(budget, color="k", linestyle="--", linewidth=1, label=f"budget {budget:,}")
+    ax.set(xlabel="parameters", ylabel="validation accuracy", title="Search: accuracy vs parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

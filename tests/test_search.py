@@ -15,7 +15,6 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from cerberus import search
 from cerberus.arch import Architecture, count_macs, count_params
 from cerberus.cli import app
 from cerberus.config import load_config
@@ -30,6 +29,7 @@ from cerberus.search import (
     space_from_dict,
     write_candidate_configs,
 )
+from cerberus.search import enumeration as search
 
 REPO = Path(__file__).resolve().parents[1]
 

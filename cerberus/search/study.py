@@ -1,0 +1,195 @@
+"""The Optuna study: open (or create) it in a storage, and read its trials as records.
+
+The study lives in any Optuna storage; the default is an SQLite file in the search folder
+(``sqlite:///<out>/study.db``): embedded, and resumable - running the same search again adds
+``trials`` more trials to the same study. Several processes or machines pointed at one storage
+and study name share the study; each runs its own ``trials`` trials. For many machines use a
+server database, e.g. PostgreSQL (``pip install psycopg2-binary``)::
+
+    createdb cerberus
+    cerberus search space.toml --trials 20 --study wide \\
+        --storage postgresql://user:password@dbhost/cerberus          # on every machine
+
+Trials that die with their process (kill -9, power loss) are marked failed by the next process
+that starts a trial in the study (Optuna heartbeats, :data:`HEARTBEAT_SECONDS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from cerberus.errors import ConfigError
+from cerberus.search.results import TrialRecord
+from cerberus.search.space import SearchSpace
+
+HEARTBEAT_SECONDS = 60  # a running trial writes a heartbeat this often...
+GRACE_SECONDS = 300  # ...and counts as dead (failed) after this long without one
+
+PrunerName = Literal["hyperband", "halving", "none"]
+
+
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
+
+
+def _make_pruner(name: PrunerName, epochs: int):
+    import optuna
+
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"pruner: expected hyperband, halving or none, got {name!r}")
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Serialise opening a SQLite storage: processes creating one new file at once would race."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    database = None
+    if url.startswith("sqlite") and fcntl is not None:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    if not database or database == ":memory:":
+        yield
+        return
+    lock = Path(database).with_name(f".{Path(database).name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(
+            f"--storage {url}: cannot open the study storage in {lock.parent}: {err.strerror}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, or by the kernel if we die
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_storage(url: str):
+    import optuna
+    import sqlalchemy.exc
+
+    engine_kwargs = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}  # wait for other processes' writes
+    for attempt in range(1, 4):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
+                )
+        except ImportError as err:
+            raise ConfigError(f"--storage {url}: the database driver is not installed ({err})") from None
+        except Exception as err:  # sqlalchemy's: bad URL, unreachable server, unreadable file
+            # Two processes creating the tables of a new server database at once: one loses, and
+            # finds them created when it tries again.
+            if attempt < 3 and isinstance(err, sqlalchemy.exc.DBAPIError) and not url.startswith("sqlite"):
+                time.sleep(attempt)
+                continue
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"--storage {url}: cannot open the study storage: {detail}") from None
+
+
+def _space_fingerprint(space: SearchSpace) -> dict[str, Any]:
+    return json.loads(space.model_dump_json(exclude={"min_params"}))
+
+
+def open_study(
+    space: SearchSpace,
+    *,
+    study_name: str,
+    storage: str,
+    pruner: PrunerName = "hyperband",
+    epochs: int = 10,
+    seed: int | None = None,
+    create: bool = True,
+):
+    """Create or load the study (maximising validation accuracy) and check it is this space's."""
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    fingerprint = _space_fingerprint(space)
+    with _creation_lock(storage):
+        store = _open_storage(storage)
+        try:
+            if create:
+                study = optuna.create_study(
+                    storage=store,
+                    study_name=study_name,
+                    direction="maximize",
+                    sampler=sampler,
+                    pruner=_make_pruner(pruner, epochs),
+                    load_if_exists=True,
+                )
+            else:
+                study = optuna.load_study(
+                    study_name=study_name, storage=store, sampler=sampler, pruner=_make_pruner(pruner, epochs)
+                )
+        except KeyError:
+            raise ConfigError(f"no study named {study_name!r} in {storage}") from None
+        recorded = study.user_attrs.get("space")
+        if recorded is None:
+            study.set_user_attr("space", fingerprint)
+    if recorded is not None and recorded != fingerprint:
+        differ = sorted(key for key in fingerprint if recorded.get(key) != fingerprint[key])
+        raise ConfigError(
+            f"study {study_name!r} in {storage} was created with another search space "
+            f"(it differs in: {', '.join(differ)}); use the same space, or a new --study name"
+        )
+    return study
+
+
+def trial_record(trial) -> TrialRecord:
+    """One Optuna trial as the leaderboard shows it (a rejected design is Optuna's PRUNED)."""
+    import optuna
+
+    attrs = trial.user_attrs
+    state = {
+        optuna.trial.TrialState.COMPLETE: "complete",
+        optuna.trial.TrialState.PRUNED: "pruned",
+        optuna.trial.TrialState.FAIL: "failed",
+        optuna.trial.TrialState.RUNNING: "running",
+        optuna.trial.TrialState.WAITING: "waiting",
+    }[trial.state]
+    if state == "pruned" and "rejected" in attrs:
+        state = "rejected"
+    accuracy = attrs.get("best_val_accuracy")
+    if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
+        accuracy = trial.value
+    return TrialRecord(
+        number=trial.number,
+        state=state,
+        design=attrs.get("design"),
+        label=attrs.get("label", ""),
+        params=attrs.get("params"),
+        macs=attrs.get("macs"),
+        val_accuracy=accuracy,
+        epochs=attrs.get("epochs", 0),
+        epochs_planned=attrs.get("epochs_planned"),
+        note=attrs.get("rejected") or attrs.get("pruned") or attrs.get("error", ""),
+    )
+
+
+def leaderboard(study) -> list[TrialRecord]:
+    """Every trial, the best validation accuracy first; trials without one last, by number."""
+    records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    return sorted(records, key=lambda r: (r.val_accuracy is None, -(r.val_accuracy or 0.0), r.number))
