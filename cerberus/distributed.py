@@ -98,7 +98,7 @@ class DistContext:
             device = torch.device("cpu")
         initialized_here = False
         if not dist.is_initialized():
-            if use_cuda:  # binding the GPU lets nccl set up eagerly and barrier() know its device
+            if use_cuda:  # binding the GPU lets nccl connect eagerly, on the right device
                 dist.init_process_group(backend="nccl", device_id=device)
             else:
                 dist.init_process_group(backend="gloo")
@@ -140,11 +140,15 @@ class DistContext:
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any of them."""
+        return self.max_over_ranks(int(flag)) > 0
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's ``value``, on every rank."""
         if not self.active:
-            return flag
-        votes = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
-        return votes.item() > 0
+            return value
+        values = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return int(values.item())
 
     def from_main(self, compute: Callable[..., T], *args: Any) -> T:
         """``compute(*args)`` run on rank 0 only; its (picklable) result is returned on every rank.
@@ -195,10 +199,6 @@ class DistContext:
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine)
         return everyone
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
 
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():

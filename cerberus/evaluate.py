@@ -393,8 +393,7 @@ def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ``path`` may be a folder, which then receives ``confusion.png``. Colours show each row's
     fraction, so rare and common classes read alike; cells print the counts.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from cerberus.report import new_figure, save_figure
 
     path = Path(path)
     if path.is_dir():
@@ -403,8 +402,7 @@ def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     rows = counts.sum(1, keepdim=True).clamp(min=1)
     fractions = (counts / rows).numpy()
     n = len(classes)
-    fig = Figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
-    FigureCanvasAgg(fig)
+    fig = new_figure((1.0 + 0.6 * n, 0.8 + 0.6 * n))
     ax = fig.add_subplot()
     ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
@@ -416,5 +414,4 @@ def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
             colour = "white" if fractions[t, p] > 0.5 else "black"
             ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=colour)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)

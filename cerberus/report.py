@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from cerberus.errors import CerberusError
+
 if TYPE_CHECKING:
     from cerberus.search import TrialRecord
 
@@ -67,13 +69,9 @@ def layer_summary(arch) -> str:
 
 def plot_curves(metrics: list[dict[str, Any]], path) -> None:
     """Loss and accuracy against epoch (train, validation, EMA, and a labelled test curve)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fig = new_figure((10, 4))
     epochs = [m["epoch"] for m in metrics]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     series = [
         ("train", "train_loss", "train_accuracy"),
         ("validation", "val_loss", "val_accuracy"),
@@ -90,20 +88,40 @@ def plot_curves(metrics: list[dict[str, Any]], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def new_figure(size: tuple[float, float]):
+    """A matplotlib figure on the Agg canvas, outside pyplot's global state (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path) -> Path:
+    """Write a figure as PNG, atomically; a failure is one :class:`CerberusError`."""
+    import io
+
+    from cerberus.files import atomic_write
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=100)
+    except OSError as err:
+        raise CerberusError(f"could not write {path}: {err.strerror or err}") from None
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def plot_pareto(
     records: Sequence[TrialRecord], front: Sequence[TrialRecord], path: Path, budget: int
 ) -> Path:
     """Validation accuracy against parameters: every trial, the front, the budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure((7, 4.5))
+    ax = fig.subplots()
     for state, style in (
         ("pruned", dict(color="0.6", marker="x")),
         ("complete", dict(color="C0", marker="o")),
@@ -134,6 +152,4 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

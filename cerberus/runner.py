@@ -6,6 +6,9 @@ reports progress only through ``on_event``; it never prints. Events are dicts wi
 
 Run directory (``out_dir``): ``config.toml`` (resolved), ``metrics.jsonl`` (a line per epoch),
 ``last.pt`` and ``best.pt`` (+ ``.sha256`` sidecars), ``curves.png``, ``summary.json``.
+
+Under torchrun every rank trains its shard of each global batch and rank 0 alone writes the run
+directory and evaluates; the ranks agree through :class:`~cerberus.distributed.DistContext`.
 """
 
 from __future__ import annotations
@@ -401,15 +404,18 @@ class Run:
         return line
 
     def interrupted(self, stop: StopFlag, epoch: int, step: int) -> None:
-        self.dist.barrier()  # every rank stops here; none exits before rank 0 wrote last.pt
-        name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
-        code = 130 if stop.signum == signal.SIGINT else 143
+        # Under torchrun also a barrier (no rank exits before rank 0 wrote last.pt), and a rank
+        # stopped by another's signal exits with that signal's code.
+        signum = self.dist.max_over_ranks(stop.signum or 0)
+        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+        code = 130 if signum == signal.SIGINT else 143
         where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
         resume = self.out_dir / "last.pt"
+        launcher = "torchrun <same options> -m cerberus" if self.dist.active else "cerberus"
         self.emit({"event": "interrupted", "signal": name, "epoch": epoch, "step": step})
         raise Interrupted(
             f"stopped by {name} at {where}; last.pt is written. "
-            f"Resume with: cerberus train --resume {resume}",
+            f"Resume with: {launcher} train --resume {resume}",
             code,
         )
 

@@ -195,10 +195,13 @@ def train_command(
     except BaseException as err:
         if display is not None:
             display.stop()
-        from cerberus.errors import Interrupted
+        from cerberus.errors import CerberusError, Interrupted
 
         if isinstance(err, Interrupted):
             if main_process:
                 typer.echo(str(err), err=True)
+            raise typer.Exit(err.exit_code) from None
+        if isinstance(err, CerberusError) and not main_process:
+            # Under torchrun, rank 0 reports every rank's error: one message, not one per process.
             raise typer.Exit(err.exit_code) from None
         raise
