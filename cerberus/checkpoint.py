@@ -25,7 +25,6 @@ import io
 import os
 import pickle
 import re
-import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from torch import nn
 
 from cerberus.arch import INPUT_SIDE, Architecture, check_architecture
 from cerberus.errors import CheckpointError, ConfigError
+from cerberus.files import fsync_dir, write_synced, write_temporary
 
 FORMAT = "cerberus-checkpoint"
 FORMAT_VERSION = 1
@@ -60,59 +60,6 @@ def sidecar_path(path: Path) -> Path:
 def pending_sidecar_path(path: Path) -> Path:
     """``last.pt`` -> ``.last.pt.sha256.tmp``: the checksum of a save in progress."""
     return path.with_name(f".{path.name}.sha256.tmp")
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable. Not every platform can open a folder; those skip it."""
-    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - Windows
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _write_temporary(folder: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to a fresh ``.<name>.<random>.tmp`` in ``folder``; remove it on failure."""
-    while True:
-        temp_path = folder / f".{name}.{secrets.token_hex(4)}.tmp"
-        try:  # mode 0o666 less the umask, like any new file (mkstemp would make it 0o600)
-            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with open(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    return temp_path
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once: readers see the old file or the new, never half.
-
-    Raises :class:`OSError`; the previous file (if any) is left as it was.
-    """
-    path = Path(path)
-    temp = _write_temporary(path.parent, path.name, data)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -167,13 +114,13 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     temp: Path | None = None
     replaced = False
     try:
-        _write_synced(pending, _sidecar_line(digest, path))
-        temp = _write_temporary(folder, path.name, data)
+        write_synced(pending, _sidecar_line(digest, path))
+        temp = write_temporary(folder, path.name, data)
         os.replace(temp, path)
         replaced, temp = True, None
-        _fsync_folder(folder)
+        fsync_dir(folder)
         _replace_pending(pending, sidecar, digest)
-        _fsync_folder(folder)
+        fsync_dir(folder)
     except BaseException as err:  # a full disk, or a second Ctrl-C: clean up either way
         if temp is not None:
             temp.unlink(missing_ok=True)
@@ -226,7 +173,7 @@ def _settle_pending(path: Path, *, discard: bool = False) -> bool:
     if path.is_file() and expected is not None and expected == sha256_file(path):
         with contextlib.suppress(OSError):  # a read-only folder still loads
             os.replace(pending, sidecar_path(path))
-            _fsync_folder(path.parent)
+            fsync_dir(path.parent)
         return True
     if discard:
         with contextlib.suppress(OSError):

@@ -250,13 +250,15 @@ def _download(root: Path, url: str) -> None:
     except OSError as err:
         raise DataError(f"cannot create the data folder {root.absolute()} ({err.strerror or err})") from None
     try:
-        from torchvision.datasets.utils import download_and_extract_archive
+        from torchvision.datasets.utils import download_url
 
         md5 = OFFICIAL_MD5 if _is_official(url) else None  # mirrors re-encode: other sums
         try:
-            if not url.lower().startswith(("http://", "https://")):
-                _fetch(url, staging / ARCHIVE)  # then torchvision finds it in place and only extracts
-            download_and_extract_archive(url, staging, filename=ARCHIVE, md5=md5, remove_finished=True)
+            if url.lower().startswith(("http://", "https://")):
+                download_url(url, str(staging), filename=ARCHIVE, md5=md5)  # progress bar, MD5 check
+            else:
+                _fetch(url, staging / ARCHIVE)
+            _extract(staging / ARCHIVE, staging)
         except RuntimeError as err:
             if md5 is not None and "corrupted" in str(err):
                 raise DataError(
@@ -279,6 +281,25 @@ def _download(root: Path, url: str) -> None:
                 raise DataError(f"cannot move the downloaded files into {folder} ({err.strerror})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    """Unpack a .tar.gz into ``folder``, refusing members that would land outside it.
+
+    tarfile's ``"data"`` filter rejects absolute paths, ``..``, links out of the folder and
+    special files, so a hostile mirror cannot write elsewhere on the disk.
+    """
+    with tarfile.open(archive, "r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(folder, filter="data")
+        else:  # Python < 3.10.12 has no extraction filters: check the members by hand
+            base = folder.resolve()
+            for member in tar.getmembers():
+                inside = (folder / member.name).resolve().is_relative_to(base)
+                if not inside or not (member.isfile() or member.isdir()):
+                    raise tarfile.TarError(f"unsafe archive member {member.name!r}")
+            tar.extractall(folder)
+    archive.unlink()
 
 
 def _fetch(url: str, path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from cerberus.errors import CerberusError, RunLockedError
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -20,27 +21,61 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (not atomic: for files nobody reads yet)."""
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
 
-    The bytes go to a hidden temporary file in the same folder, are fsynced, then renamed over
-    ``path``. On failure the temporary file is removed and the old file is left untouched.
+
+def write_temporary(folder: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to a fresh hidden ``.<name>.<random>.tmp`` in ``folder``, fsynced.
+
+    On failure the temporary file is removed and the error re-raised.
+    """
+    while True:
+        temp_path = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:  # mode 0o666 less the umask, like any new file (mkstemp would make it 0o600)
+            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with open(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return temp_path
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: readers see the old file or the new, never a mix.
+
+    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``.
+    Raises :class:`OSError`; the previous file, if any, is left as it was.
     """
     path = Path(path)
+    temp = write_temporary(path.parent, path.name, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """:func:`replace_atomically`, with a failure reported as one :class:`CerberusError`."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_atomically(Path(path), data)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise CerberusError(f"could not write {path}: {err.strerror or err}") from None
-    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

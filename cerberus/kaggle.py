@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cerberus.checkpoint import write_atomic
-from cerberus.errors import CerberusError, DataError
+from cerberus.errors import DataError
+from cerberus.files import atomic_write
 
 LAYOUTS = ("chw", "hwc")
 IMAGE_VALUES = 3 * 32 * 32
@@ -171,10 +171,7 @@ def _write_csv(path: Path, header: Sequence[str], rows) -> None:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    try:
-        write_atomic(Path(path), text.getvalue().encode())
-    except OSError as err:
-        raise CerberusError(f"could not write {path}: {err.strerror or err}") from None
+    atomic_write(Path(path), text.getvalue())
 
 
 def write_submission(path: Path, ids: Sequence, labels: Sequence[int] | torch.Tensor) -> None:

@@ -221,6 +221,20 @@ def test_download_through_file_url(fake_root: Path, tmp_path: Path) -> None:
     assert len(data.load_cifar10(tmp_path / "other", url=str(archive)).train_labels) == N_TRAIN
 
 
+def test_an_archive_escaping_its_folder_is_refused(fake_root: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "hostile.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(fake_root / data.FOLDER, arcname=data.FOLDER)
+        evil = tmp_path / "evil.txt"
+        evil.write_text("written outside the data folder")
+        tar.add(evil, arcname="../escaped.txt")
+    dest = tmp_path / "deep" / "cache"
+    with pytest.raises(DataError, match="could not download CIFAR-10"):
+        data.load_cifar10(dest, url=archive.as_uri())
+    assert list(tmp_path.rglob("escaped.txt")) == []
+    assert not (dest / data.FOLDER).exists()
+
+
 def test_download_url_from_environment(
     fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

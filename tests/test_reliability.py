@@ -403,14 +403,14 @@ CHECKPOINT_FAILED = (
     r"could not write (best|last)\.pt: No space left on device; the previous checkpoint is intact"
 )
 
-# Writes through cerberus.checkpoint: each save writes its checksum file, then the weights.
-# Epoch 1 saves best.pt (writes 1-2) and last.pt (3-4); with checkpoint_every=1, step N's last.pt
-# is writes 2N-1 and 2N. Through cerberus.files: config.toml (1), metrics.jsonl (2).
+# Every file goes through cerberus.files. Writes in order: config.toml (1); at the end of epoch 1
+# best.pt's checksum and weights (2-3), last.pt's (4-5), metrics.jsonl (6), curves.png (7); then
+# epoch 2's first checkpoint (8-9). With checkpoint_every=1, step N's last.pt is 2N and 2N+1.
 DISK_FULL = {
-    "checksum-at-epoch-end": ("cerberus.checkpoint", 5, (), CHECKPOINT_FAILED),
-    "weights-at-epoch-end": ("cerberus.checkpoint", 6, (), CHECKPOINT_FAILED),
-    "weights-mid-epoch": ("cerberus.checkpoint", 8, ("train.checkpoint_every=1",), CHECKPOINT_FAILED),
-    "metrics": ("cerberus.files", 2, (), r"could not write \S*metrics\.jsonl: No space left on device"),
+    "checksum-at-epoch-end": ("cerberus.files", 8, (), CHECKPOINT_FAILED),
+    "weights-at-epoch-end": ("cerberus.files", 9, (), CHECKPOINT_FAILED),
+    "weights-mid-epoch": ("cerberus.files", 9, ("train.checkpoint_every=1",), CHECKPOINT_FAILED),
+    "metrics": ("cerberus.files", 6, (), r"could not write \S*metrics\.jsonl: No space left on device"),
 }
 
 

@@ -190,14 +190,14 @@ def eval_command(
             progress=progress,
         )
     if out is not None:
-        from cerberus.checkpoint import write_atomic
+        from cerberus.files import replace_atomically
 
         try:
             out.mkdir(parents=True, exist_ok=True)
             classes = [row["class"] for row in result["per_class"]]
             plot = confusion_plot(result["confusion_matrix"], classes, out / "confusion.png")
             result["files"] = [str(plot), str(out / "eval.json")]
-            write_atomic(out / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+            replace_atomically(out / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
         except OSError as err:
             from cerberus.errors import CerberusError
 
