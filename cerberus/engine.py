@@ -42,6 +42,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
+def _epoch_in_progress(t: float) -> int:
+    """The 0-based epoch that position ``t`` (epochs done, fractional) lies in; ``t`` = 2.0 is the
+    end of epoch 1's last step, so it still belongs to epoch 1."""
+    return max(math.ceil(t) - 1, 0)
+
+
 class LRSchedule:
     """The learning rate as a pure function of the position in training.
 
@@ -68,7 +74,7 @@ class LRSchedule:
             progress = min(max((t - cfg.warmup_epochs) / span, 0.0), 1.0)
             value = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         elif cfg.schedule == "step":
-            value = cfg.gamma ** sum(1 for m in cfg.milestones if m <= int(t))
+            value = cfg.gamma ** sum(1 for m in cfg.milestones if m <= _epoch_in_progress(t))
         elif cfg.schedule == "onecycle":
             peak = cfg.onecycle_peak * epochs
             if t < peak:
@@ -76,7 +82,7 @@ class LRSchedule:
             else:
                 value = 1 - (1 - floor) * min((t - peak) / max(epochs - peak, 1e-9), 1.0)
         else:  # "seed": stepped once per epoch, as torch's epoch-wise schedulers are
-            e = int(t)
+            e = _epoch_in_progress(t)
             t_max = cfg.t_max or epochs
             value = 0.5 * (1 + math.cos(math.pi * e / t_max))
             value *= cfg.gamma ** sum(1 for m in cfg.milestones if m <= e)
@@ -193,7 +199,8 @@ class Trainer:
         # over ranks equals the gradient of the global batch's mean loss.
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        scale = len(idx) * self.world_size / self.cfg.batch_size
+        global_batch = min(self.cfg.batch_size, n - step * self.cfg.batch_size)  # the last may be short
+        scale = len(idx) * self.world_size / global_batch
         if self.scaler is not None:
             self.scaler.scale(loss * scale).backward()
             self.scaler.unscale_(self.optimizer)
@@ -254,8 +261,7 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     raise DivergenceError(
                         f"the training loss became non-finite at epoch {epoch + 1}, step {step}: "
-                        "lower train.lr, add train.warmup_epochs or train.grad_clip; "
-                        "the last good checkpoint was kept"
+                        "lower train.lr, add train.warmup_epochs or train.grad_clip"
                     )
                 state.loss_sum += loss_value
                 state.correct += correct_value

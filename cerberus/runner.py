@@ -36,7 +36,7 @@ from cerberus.data import Augmenter, load_cifar10, make_splits, resolve_data_roo
 from cerberus.device import Placement, resolve_placement
 from cerberus.distributed import DistContext
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
-from cerberus.errors import ConfigError, DivergenceError, Interrupted
+from cerberus.errors import CerberusError, ConfigError, DivergenceError, Interrupted
 from cerberus.evaluate import classification_report, predict_logits
 from cerberus.files import atomic_write, run_lock
 from cerberus.model import build_model
@@ -144,13 +144,18 @@ class Run:
         cfg = self.config
         data = load_cifar10(Path(cfg.data.root), download=cfg.data.download, url=cfg.data.url)
         self.classes = data.classes
+        if cfg.model.num_classes != len(data.classes):
+            raise ConfigError(
+                f"model.num_classes: the model has {cfg.model.num_classes} outputs but CIFAR-10 has "
+                f"{len(data.classes)} classes; set model.num_classes = {len(data.classes)}"
+            )
         self.splits = make_splits(data, cfg.data)
         if len(self.splits.train_labels) == 0:
             raise ConfigError("data: no training images left after data.train_subset and data.val_size")
+        self.check_shards()
 
     def setup(self) -> None:
         cfg = self.config
-        self.check_shards()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.placement: Placement = resolve_placement(
@@ -204,13 +209,22 @@ class Run:
         """Every rank needs an image of every global batch (the last one may be short)."""
         n, batch, ranks = len(self.splits.train_labels), self.config.train.batch_size, self.dist.world_size
         smallest = min(batch, n - (-(-n // batch) - 1) * batch)
-        if smallest < ranks:
+        # BatchNorm needs two values per channel: on a 1x1 final map, two images per shard.
+        per_shard = 2 if self.config.model.architecture().final_side == 1 else 1
+        if smallest < ranks * per_shard:
             raise ConfigError(
-                f"train.batch_size: a batch of {smallest} image(s) cannot be shared by {ranks} processes "
-                f"({n} training images in batches of {batch}); change train.batch_size by a few"
+                f"train.batch_size: a batch of {smallest} image(s) cannot be shared by {ranks} "
+                f"process(es) with at least {per_shard} image(s) each ({n} training images in "
+                f"batches of {batch}); change train.batch_size by a few"
             )
 
     def restore(self, ckpt: dict[str, Any]) -> tuple[int, int, EpochState]:
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise ConfigError(
+                f"this run was trained by {saved_world} process(es); resume it with the same number "
+                f"(now {self.dist.world_size}), or the data shards and augmentation would change"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema") is not None:
@@ -222,6 +236,7 @@ class Run:
         self.best_val = ckpt.get("best_val_accuracy")
         self.best_epoch = ckpt.get("best_epoch")
         state = EpochState(**ckpt.get("epoch_state", {}))
+        self.wall_start -= ckpt.get("elapsed_seconds", 0.0)  # elapsed time continues
         return ckpt["epoch"], ckpt["step"], state
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -233,9 +248,17 @@ class Run:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
+            # The learning rate is a pure function of (epoch, step), so the position is the
+            # scheduler's whole state; batch order and augmentation derive from (seed, epoch, step),
+            # and the global RNG states are kept for code outside the step that may draw from them.
             "scheduler": {"kind": self.config.train.schedule, "epoch": epoch, "step": step},
             "scaler": self.trainer.scaler.state_dict() if self.trainer.scaler is not None else None,
             "rng": _rng_state(),
+            "role": "last",
+            "weights": "model",
+            "threads": torch.get_num_threads(),  # CPU kernels' results depend on it
+            "world_size": self.dist.world_size,
+            "elapsed_seconds": time.perf_counter() - self.wall_start,
             "epoch": epoch,  # the epoch in progress (== epochs when finished)
             "step": step,  # the next step to run within that epoch
             "epoch_state": state.as_dict(),
@@ -249,7 +272,10 @@ class Run:
         }
 
     def save(self, name: str, payload: dict[str, Any]) -> None:
-        if self.save_checkpoints and self.dist.is_main:
+        """Write a checkpoint on rank 0; every rank calls this, so a failure stops all of them."""
+        with self.dist.agreement():
+            if not (self.save_checkpoints and self.dist.is_main):
+                return
             # A step can leave NaN weights (or BatchNorm statistics) behind a still-finite loss;
             # say that training diverged rather than only that the save was refused.
             for key in ("model", "ema"):
@@ -259,20 +285,26 @@ class Run:
                         where = f"the end of epoch {payload['epoch']}"
                     raise DivergenceError(
                         f"the {key} weights became non-finite at {where}: lower train.lr, add "
-                        f"train.warmup_epochs or train.grad_clip; {name} was not overwritten, so "
-                        "the last good checkpoint was kept"
+                        f"train.warmup_epochs or train.grad_clip; {self.checkpoint_state()}"
                     )
             _save_checkpoint(self.out_dir / name, payload)
 
-    def write_metrics(self) -> None:
-        if not self.dist.is_main:
-            return
-        lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
-        atomic_write(self.out_dir / "metrics.jsonl", lines)
-        if self.metrics:
-            from cerberus.report import plot_curves
+    def checkpoint_state(self) -> str:
+        """What a user has left after a failed run, for the error message."""
+        if self.save_checkpoints and (self.out_dir / "last.pt").exists():
+            return "the last good checkpoint was kept"
+        return "no checkpoint had been written yet"
 
-            plot_curves(self.metrics, self.out_dir / "curves.png")
+    def write_metrics(self) -> None:
+        with self.dist.agreement():
+            if not self.dist.is_main:
+                return
+            lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
+            atomic_write(self.out_dir / "metrics.jsonl", lines)
+            if self.metrics:
+                from cerberus.report import plot_curves
+
+                plot_curves(self.metrics, self.out_dir / "curves.png")
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -338,16 +370,19 @@ class Run:
             # step on CPU, every few on GPUs), so save once `every` steps have passed since the
             # last save. The epoch's last step and interrupts save below.
             position = epoch * steps + step
-            if every and step < steps and position - saved_at >= every and not stop():
+            if every and step < steps and position - saved_at >= every:
                 self.save("last.pt", self.payload(epoch, step, st))
                 saved_at = position
 
         if start_epoch >= cfg.train.epochs:  # resuming a finished run: a kill may have come
             self.write_metrics()  # between its last last.pt and metrics.jsonl
         for epoch in range(start_epoch, cfg.train.epochs):
-            state, step = self.trainer.run_epoch(
-                epoch, state, start_step if epoch == start_epoch else 0, on_step, stop
-            )
+            try:
+                state, step = self.trainer.run_epoch(
+                    epoch, state, start_step if epoch == start_epoch else 0, on_step, stop
+                )
+            except DivergenceError as err:
+                raise DivergenceError(f"{err}; {self.checkpoint_state()}") from None
             if step < steps:  # interrupted mid-epoch
                 self.save("last.pt", self.payload(epoch, step, state))
                 self.interrupted(stop, epoch, step)
@@ -361,8 +396,9 @@ class Run:
                 self.best_epoch = epoch + 1
             payload = self.payload(epoch + 1, 0, EpochState())
             if improved:
-                best = {**payload, "model": self.selected_weights()}
-                best["ema"] = None  # best.pt holds the selected weights under "model"
+                # best.pt holds the selected weights (the EMA's when on) under "model"
+                best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
+                best["weights"] = "ema" if self.ema is not None else "model"
                 if self.save_checkpoints:
                     self.save("best.pt", best)
                 else:
@@ -462,12 +498,15 @@ class Run:
         return summary
 
 
-def _prepare_out_dir(out_dir: Path, resuming: bool) -> None:
+def _check_out_dir(out_dir: Path, resuming: bool) -> None:
     if not resuming and (out_dir / "last.pt").exists():
         raise ConfigError(
             f"{out_dir} already holds a run; continue it with "
             f"`cerberus train --resume {out_dir / 'last.pt'}` or choose another --out"
         )
+
+
+def _make_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -497,8 +536,23 @@ def train_run(
         ckpt = load_checkpoint(resume)
         if ckpt.get("format") != FORMAT:
             raise ConfigError(f"{resume}: not a cerberus training checkpoint; cannot resume from it")
+        if ckpt.get("role") == "best":
+            raise ConfigError(
+                f"{resume} holds the best epoch's weights only; resume from "
+                f"{resume.with_name('last.pt')}, which holds the whole training state"
+            )
         config = config_from_dict(ckpt["config"], source=str(resume))
         out_dir = resume.parent
+        recorded = config.data.root
+        if data_dir is None and recorded is not None and not Path(recorded).is_dir():
+            raise ConfigError(
+                f"data.root {recorded} recorded in {resume} does not exist here; "
+                "pass --data-dir with the folder that holds cifar-10-batches-py/"
+            )
+        if config.train.threads == 0 and ckpt.get("threads"):
+            # CPU kernels split work by thread count, and their sums round differently: the
+            # same count as before keeps the resumed run bitwise identical.
+            torch.set_num_threads(ckpt["threads"])
     if config is None:
         raise ConfigError("train_run needs a config or a checkpoint to resume")
     # The resolved config names the data folder, so that --resume and `cerberus eval` of this
@@ -519,11 +573,13 @@ def train_run(
             run = Run(config, out_dir, on_event, save_checkpoints, dist)
             with dist.agreement():  # what may fail on one rank only fails on all
                 if dist.is_main:
-                    _prepare_out_dir(out_dir, resuming=ckpt is not None)
+                    _check_out_dir(out_dir, resuming=ckpt is not None)
+                run.load_data()  # data problems are refused before anything is written
+                if dist.is_main:
+                    _make_out_dir(out_dir)
                     lock.enter_context(run_lock(out_dir))
                     remove_stale_temporaries(out_dir)
                     atomic_write(out_dir / "config.toml", config.to_toml())
-                run.load_data()
             run.setup()
             start_epoch, start_step, state = 0, 0, EpochState()
             if ckpt is not None:
@@ -531,6 +587,10 @@ def train_run(
                 del ckpt
             run.train(start_epoch, start_step, state, stop)
             summary = run.finish(evaluate_test)
+    except torch.OutOfMemoryError:
+        raise CerberusError(
+            "the device ran out of memory: lower train.batch_size or train.eval_batch_size"
+        ) from None
     finally:
         dist.close()
     return RunResult(

@@ -277,11 +277,12 @@ def test_under_ddp_the_ranks_vote_on_stopping_at_sync_points(tiny_run):
 def test_batches_too_small_to_share_between_ranks_are_refused(tmp_path, fake_cifar):
     cfg = tiny_config(tmp_path, TINY.replace("batch_size = 64", "batch_size = 133"), fake_cifar)
     run = Run(cfg, tmp_path, None, False, DistContext(rank=0, world_size=2))
-    run.load_data()  # 400 training images = 3 x 133 + 1: the last batch is one image
+    # 400 training images = 3 x 133 + 1: the last batch is one image. Refused with the data,
+    # before the run directory is written.
     with pytest.raises(ConfigError, match="a batch of 1 image"):
-        run.check_shards()
+        run.load_data()
     run.dist = DistContext()
-    run.check_shards()  # alone, any batch will do
+    run.load_data()  # alone, any batch will do
 
 
 def tiny_config(folder: Path, text: str = TINY, data_root: Path | None = None):
