@@ -243,7 +243,12 @@ class ExperimentConfig(BaseModel):
 # Loading
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, set_by: dict[str, str] | None = None) -> str:
+    """One ``loc: msg`` line per error.
+
+    ``set_by`` maps dotted keys to the ``--set`` text that gave them: an error at or below such a
+    key ends with ``(from --set KEY=VALUE)``, so the culprit is not sought in the file.
+    """
     lines = []
     for item in err.errors():
         loc = ".".join(str(part) for part in item["loc"])
@@ -251,7 +256,9 @@ def format_validation_error(err: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        line = f"{loc}: {msg}" if loc else msg
+        origin = next((text for key, text in (set_by or {}).items() if f"{loc}.".startswith(f"{key}.")), None)
+        lines.append(f"{line} (from --set {origin})" if origin else line)
     return "\n".join(lines)
 
 
@@ -291,15 +298,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def override_keys(overrides: list[str]) -> dict[str, str]:
+    """Dotted key -> the ``--set`` text that sets it (the last one wins, as in apply_overrides)."""
+    return {".".join(parse_override(text)[0]): text for text in overrides}
+
+
 def config_from_dict(
-    data: dict[str, Any], *, source: str = "config", enforce_budget: bool = True
+    data: dict[str, Any],
+    *,
+    source: str = "config",
+    enforce_budget: bool = True,
+    set_by: dict[str, str] | None = None,
 ) -> ExperimentConfig:
-    """Validate plain data into a config; the budget is checked too unless told otherwise."""
+    """Validate plain data into a config; the budget is checked too unless told otherwise.
+
+    ``set_by`` (dotted key -> ``--set`` text) marks the errors of overridden values.
+    """
     try:
         # strict: TOML values are typed, so "30" for epochs or ["3"] for blocks is a mistake
         config = ExperimentConfig.model_validate(data, strict=True)
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid config\n{format_validation_error(err)}") from None
+        raise ConfigError(f"{source}: invalid config\n{format_validation_error(err, set_by)}") from None
     if not enforce_budget:
         return config
     try:
@@ -344,8 +363,13 @@ def load_config(
     *,
     enforce_budget: bool = True,
 ) -> ExperimentConfig:
-    """Read, override and validate a config. ``path=None`` starts from the defaults."""
+    """Read, override and validate a config. ``path=None`` starts from the defaults.
+
+    With a file, errors in overridden values say they came from ``--set`` (without one, every
+    value that can be wrong came from ``--set``).
+    """
     data = read_toml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     source = str(path) if path is not None else "config"
-    return config_from_dict(data, source=source, enforce_budget=enforce_budget)
+    set_by = override_keys(overrides or []) if path is not None else None
+    return config_from_dict(data, source=source, enforce_budget=enforce_budget, set_by=set_by)

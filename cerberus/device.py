@@ -38,7 +38,8 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", *, source: str = "train.device") -> torch.device:
+    """The torch device for ``name``; ``source`` names the setting in errors (a key or a flag)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -46,17 +47,20 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was asked for, but no CUDA GPU is available")
+        raise ConfigError(f"{source}: 'cuda' was asked for, but no CUDA GPU is available")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device: 'mps' was asked for, but Apple MPS is not available")
+        raise ConfigError(f"{source}: 'mps' was asked for, but Apple MPS is not available")
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``fp32``, ``bf16`` or ``fp16`` for ``device``; ``auto`` picks the fastest available."""
+def resolve_precision(name: str, device: torch.device, *, source: str = "train.precision") -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for ``device``; ``auto`` picks the fastest available.
+
+    ``source`` names the setting in errors (a config key or a flag).
+    """
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
-            raise ConfigError("train.precision: fp16 is not supported on the CPU; use bf16 or fp32")
+            raise ConfigError(f"{source}: fp16 is not supported on the CPU; use bf16 or fp32")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -92,11 +96,15 @@ class Placement:
 
 
 def resolve_placement(
-    device: str = "auto", precision: str = "auto", channels_last: bool | None = None
+    device: str = "auto",
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    *,
+    sources: tuple[str, str] = ("train.device", "train.precision"),
 ) -> Placement:
-    """Resolve the config's ``auto`` choices for this machine."""
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    """Resolve the config's ``auto`` choices for this machine; ``sources`` name the two settings."""
+    dev = resolve_device(device, source=sources[0])
+    prec = resolve_precision(precision, dev, source=sources[1])
     if channels_last is None:
         channels_last = prec != "fp32" or dev.type == "cuda"
     return Placement(dev, prec, channels_last)

@@ -36,7 +36,7 @@ from cerberus.checkpoint import (
     state_dict_from,
 )
 from cerberus.device import Placement
-from cerberus.errors import CheckpointError, ConfigError, DataError
+from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:
     from cerberus.config import ExperimentConfig
@@ -207,6 +207,23 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     model.load_state_dict(state)
 
 
+def _weights_slot(obj: dict[str, Any], use_ema: bool, path: Path) -> tuple[str, str]:
+    """``(key, kind)``: the payload key to load and what it holds ("ema" | "model").
+
+    ``obj["weights"]`` says what ``obj["model"]`` holds: best.pt of an EMA run keeps the EMA
+    weights there (and no raw weights at all); older checkpoints lack the key and hold raw ones.
+    """
+    if use_ema and obj.get("ema") is not None:
+        return "ema", "ema"
+    held = obj.get("weights", "model")
+    if not use_ema and held == "ema":
+        raise CheckpointError(
+            f"{path} holds the EMA weights only (best.pt of an EMA run keeps no raw weights); "
+            "to evaluate the raw weights, use the run's last.pt with --no-ema"
+        )
+    return "model", held
+
+
 def load_model(
     path: Path,
     *,
@@ -217,9 +234,10 @@ def load_model(
     """A model (CPU, eval mode) with the weights in ``path``, and what is known about it.
 
     Cerberus checkpoints give their recorded architecture and, with ``use_ema``, the EMA weights
-    when they hold them. Any other weights file (a state_dict, possibly wrapped or pickled) has
-    its architecture inferred from names and shapes; ``overrides`` (Architecture fields) settle
-    what the weights cannot show. ``info`` holds ``source`` ("cerberus" | "state_dict"),
+    when they hold them; best.pt of an EMA run holds only EMA weights, so ``use_ema=False`` on it
+    raises :class:`CheckpointError`. Any other weights file (a state_dict, possibly wrapped or
+    pickled) has its architecture inferred from names and shapes; ``overrides`` (Architecture
+    fields) settle what the weights cannot show. ``info`` holds ``source`` ("cerberus" | "state_dict"),
     ``architecture``, ``weights`` ("ema" | "model"), ``config`` (dict or None) and ``params``.
     """
     from cerberus.model import build_model
@@ -235,7 +253,7 @@ def load_model(
             raise ConfigError(
                 f"{path} records its architecture; design overrides ({names}) apply only to plain state_dicts"
             )
-        use = "ema" if use_ema and obj.get("ema") is not None else "model"
+        use, weights = _weights_slot(obj, use_ema, path)
         state = state_dict_from(obj[use])
         state.pop("n_averaged", None)  # torch.optim.swa_utils.AveragedModel's counter
         arch_data = obj.get("architecture") or (obj.get("config") or {}).get("model")
@@ -248,7 +266,7 @@ def load_model(
             raise CheckpointError(f"{path}: the recorded architecture is invalid ({err})") from None
         info.update(
             source="cerberus",
-            weights=use,
+            weights=weights,
             config=obj.get("config"),
             epoch=obj.get("epoch"),
             cerberus_version=obj.get("cerberus_version"),
@@ -269,7 +287,7 @@ def load_model(
 
 def check_placement_names(device: str | None, precision: str | None) -> None:
     """Refuse a misspelt device or precision before anything is loaded."""
-    for name, value, choices in (("device", device, DEVICES), ("precision", precision, PRECISIONS)):
+    for name, value, choices in (("--device", device, DEVICES), ("--precision", precision, PRECISIONS)):
         if value is not None and value not in choices:
             raise ConfigError(f"{name}: choose one of {', '.join(choices)}, got {value!r}")
 
@@ -287,12 +305,18 @@ def eval_placement(config: ExperimentConfig | None, device: str | None, precisio
     channels_last = train.channels_last if train is not None else None
     wanted_device = device or (train.device if train is not None else "auto")
     wanted_precision = precision or (train.precision if train is not None else "auto")
+    # errors name the flag when the value came from one, else the checkpoint's setting
+    sources = (
+        "--device" if device is not None else "train.device",
+        "--precision" if precision is not None else "train.precision",
+    )
     try:
-        return resolve_placement(wanted_device, wanted_precision, channels_last)
+        return resolve_placement(wanted_device, wanted_precision, channels_last, sources=sources)
     except ConfigError:
         if device is not None and precision is not None:
             raise  # asked for explicitly: say it cannot be had
-        return resolve_placement(device or "auto", precision or "auto", channels_last)
+        flags = ("--device", "--precision")
+        return resolve_placement(device or "auto", precision or "auto", channels_last, sources=flags)
 
 
 def evaluate_checkpoint(
@@ -325,19 +349,27 @@ def evaluate_checkpoint(
     from cerberus.data import load_cifar10, make_splits, resolve_data_root
 
     check_placement_names(device, precision)
+    if test_subset is not None and test_subset < 0:
+        raise ConfigError(f"--test-subset: must be 0 (all) or positive, got {test_subset}")
     model, info = load_model(path, trust_pickle=trust_pickle, use_ema=use_ema, overrides=overrides)
     config = None
     if info["config"] is not None:
         config = config_from_dict(info["config"], source=str(path), enforce_budget=False)
     data_cfg = config.data if config is not None else DataConfig()
+    placement = eval_placement(config, device, precision)  # a device this machine lacks: say so now
 
-    # A root recorded on the training machine may not exist here: then use the usual fallbacks.
-    config_root = data_cfg.root if data_cfg.root and Path(data_cfg.root).is_dir() else None
-    root = resolve_data_root(data_dir, config_root)
+    recorded = (data_cfg.root or "").strip()
+    if data_dir is None and recorded and not Path(recorded).expanduser().is_dir():
+        # Falling back to $CERBERUS_DATA or the cache could start a download of another copy.
+        raise DataError(
+            f"data.root {recorded} recorded in the checkpoint does not exist here; pass --data-dir"
+        )
+    root = resolve_data_root(data_dir, recorded or None)
     data = load_cifar10(root, download=data_cfg.download, url=data_cfg.url, split="test")
     subset = data_cfg.test_subset if test_subset is None else test_subset
-    if subset < 0:
-        raise ConfigError(f"test_subset must be 0 (all) or positive, got {subset}")
+    available = len(data.test_labels)
+    if test_subset is not None and test_subset > available:
+        raise ConfigError(f"--test-subset: {test_subset} is more than the {available} test images")
     splits = make_splits(data, data_cfg.model_copy(update={"test_subset": subset}))  # the first N
     images, labels = splits.test_images, splits.test_labels
     classes = list(data.classes)
@@ -347,7 +379,6 @@ def evaluate_checkpoint(
             f"{path}: the model has {num_classes} outputs but the dataset has {len(classes)} classes"
         )
 
-    placement = eval_placement(config, device, precision)
     if batch_size is None:
         batch_size = config.train.eval_batch_size if config is not None else 1000
     start = time.perf_counter()
@@ -415,3 +446,30 @@ def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
             ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=colour)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``confusion.png`` and ``eval.json`` (the result, listing both files) into ``out_dir``.
+
+    The folder is created if needed; each file is replaced atomically. Returns the two paths;
+    a failure is one :class:`CerberusError` naming the folder or file.
+    """
+    import json
+
+    from cerberus.files import atomic_write
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CerberusError(f"could not write into {out_dir}: {err.strerror or err}") from None
+    classes = [row["class"] for row in result["per_class"]]
+    plot = confusion_plot(result["confusion_matrix"], classes, out_dir / "confusion.png")
+    report = out_dir / "eval.json"
+    files = [plot, report]
+    atomic_write(report, json.dumps({**result, "files": [str(f) for f in files]}, indent=2) + "\n")
+    return files

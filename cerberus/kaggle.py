@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import pickle
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cerberus.errors import DataError
+from cerberus.errors import CerberusError, DataError
 from cerberus.files import atomic_write
 
 LAYOUTS = ("chw", "hwc")
@@ -136,6 +137,11 @@ def _ids_from(ids: Any, n: int, path: Path) -> list:
         raise DataError(f"{path}: 'ids' must be integers or strings")
     if len(ids) != n:
         raise DataError(f"{path} has {len(ids)} ids but {n} images")
+    seen: set[int | str] = set()
+    for i in ids:
+        if i in seen:  # a submission needs one row per image: Kaggle would reject the file
+            raise DataError(f"{path}: id {i!r} appears more than once; every image needs its own id")
+        seen.add(i)
     return ids
 
 
@@ -143,8 +149,8 @@ def read_unlabeled(path: Path, layout: str | None = None) -> tuple[list, torch.T
     """``(ids, images)`` from a Kaggle test pickle; images are uint8 (N, 3, 32, 32).
 
     ``ids`` default to ``0..N-1`` when the file has none. Raises :class:`DataError` naming the
-    problem for anything else: not a pickle, missing ``data``, wrong shape or dtype, or ids and
-    images of different lengths.
+    problem for anything else: not a pickle, missing ``data``, wrong shape or dtype, ids and
+    images of different lengths, or an id given twice.
     """
     ids, images, _ = _read_unlabeled(Path(path), layout)
     return ids, images
@@ -164,6 +170,18 @@ def _read_unlabeled(path: Path, layout: str | None) -> tuple[list, torch.Tensor,
 
 # --------------------------------------------------------------------------------------------
 # Output files
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an output path whose folder is missing or read-only, before any work is done."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise CerberusError(f"{path} is a folder; give a file name for the CSV")
+    if not folder.is_dir():
+        raise CerberusError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CerberusError(f"cannot write {path}: the folder {folder} is not writable")
 
 
 def _write_csv(path: Path, header: Sequence[str], rows) -> None:
@@ -214,13 +232,14 @@ def predict_unlabeled(
     """Predict every image of a Kaggle test file and write the submission (and probabilities).
 
     Normalisation and placement follow :func:`cerberus.evaluate.evaluate_checkpoint`: the
-    checkpoint's own config for Cerberus checkpoints, the seed's constants otherwise.
+    checkpoint's own config for Cerberus checkpoints, the seed's constants otherwise. Cheap
+    checks come first: the model is loaded and verified and the output folders checked before
+    the input is read, and all of that before inference.
     """
     from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, config_from_dict
     from cerberus.evaluate import TTA_VIEWS, check_placement_names, eval_placement, load_model, predict_logits
 
     check_placement_names(device, precision)
-    ids, images, layout = _read_unlabeled(Path(input_path), layout)
     model, info = load_model(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
     config = None
     if info["config"] is not None:
@@ -228,6 +247,10 @@ def predict_unlabeled(
     mean = config.data.mean if config is not None else CIFAR10_MEAN
     std = config.data.std if config is not None else CIFAR10_STD
     placement = eval_placement(config, device, precision)
+    for path in (output, probs_path):
+        if path is not None:
+            _check_output(path)
+    ids, images, layout = _read_unlabeled(Path(input_path), layout)
     if batch_size is None:
         batch_size = config.train.eval_batch_size if config is not None else 1000
     start = time.perf_counter()

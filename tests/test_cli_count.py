@@ -183,6 +183,12 @@ def test_non_integer_flag_is_a_usage_error(runner: CliRunner) -> None:
     assert result.exit_code == 2
     assert "--blocks" in result.stderr
     assert "Traceback" not in result.output
+    # plain text, no rich panel: the last line is the whole error
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Invalid value for '--blocks': Input should be a valid integer, "
+        "unable to parse string as an integer"
+    )
+    assert "╭" not in result.stderr  # the corner of a rich box
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +217,52 @@ def test_help_lists_count_params(runner: CliRunner) -> None:
     assert result.exit_code == 0
     for flag in ("--blocks", "--channels", "--conv-kernel", "--max-params", "--summary", "--json"):
         assert flag in result.stdout
+
+
+def test_help_keeps_brackets_and_example_lines(runner: CliRunner) -> None:
+    result = invoke(runner, "--help")
+    assert result.exit_code == 0
+    assert "A config file to read [model] from, instead of flags." in result.stdout
+    assert (
+        "\n    cerberus count-params --blocks 3 5 3\n    cerberus count-params --blocks 2 2 2 2"
+        in result.stdout
+    )
+
+
+def test_piped_train_output_is_plain_lines(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    import cerberus.runner
+
+    # the runner's events, as cerberus.runner emits them
+    start = dict(event="start", params=5_266, device="cpu", precision="fp32", channels_last=False)
+    start.update(epochs=1, start_epoch=0, start_step=0, steps_per_epoch=8, world_size=1)
+    start.update(train_images=400, val_images=100, test_images=200, out_dir=str(tmp_path / "run"))
+    step = dict(event="step", step=1, loss=2.0, accuracy=0.25, images_per_sec=900.0)
+    epoch = dict(event="epoch", epoch=1, lr=0.05, train_loss=2.0, train_accuracy=0.25)
+    epoch.update(train_images_per_sec=900.0, seconds=1.0)
+    summary = dict(test_accuracy=0.5, test_loss=1.5, test_images=200, best_epoch=1, best_val_accuracy=0.4)
+    summary.update(params=5_266, wall_seconds=2.0, device="cpu", precision="fp32", peak_rss_mb=300.0)
+    done = dict(event="done", summary=summary)
+
+    def fake_train_run(cfg, *, on_event, **_):
+        for event in (start, step, epoch, done):
+            on_event(event)
+
+    monkeypatch.setattr(cerberus.runner, "train_run", fake_train_run)
+    config = tmp_path / "tiny.toml"
+    config.write_text("[model]\nblocks = [1, 1]\nchannels = [8, 16]\n")
+    result = runner.invoke(app, ["train", str(config)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "5,266 parameters on cpu (fp32); 400 train / 100 val / 200 test images; world size 1"
+    )  # 84 characters: one line, not wrapped at 80
+    assert lines[1:] == [
+        f"run directory: {tmp_path / 'run'}",
+        "epoch   1 | lr 0.05 | train loss 2.0000 acc 0.2500 | 900 img/s | 1s",
+        "test accuracy 0.5000 (loss 1.5000, 200 images, weights of epoch 1)",
+        "best val accuracy 0.4000 at epoch 1",
+        "5,266 parameters, 2.0s wall, cpu fp32, peak RSS 300 MB",
+    ]  # no progress bar ("epochs 1/1", "steps 0/8")
 
 
 def test_count_params_is_registered() -> None:

@@ -16,7 +16,7 @@ from cerberus.cli import app
 from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, ExperimentConfig
 from cerberus.data import CLASSES, load_cifar10
 from cerberus.device import Placement
-from cerberus.errors import CheckpointError, ConfigError, DataError
+from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 from cerberus.evaluate import (
     TTA_VIEWS,
     classification_report,
@@ -24,6 +24,7 @@ from cerberus.evaluate import (
     evaluate_checkpoint,
     load_model,
     predict_logits,
+    write_report,
 )
 from cerberus.model import build_model
 
@@ -154,11 +155,15 @@ def test_predict_logits_rejects_float_images():
 # load_model and evaluate_checkpoint
 
 
-def cerberus_checkpoint(path, *, test_subset: int = 0, eval_batch_size: int = 64):
+def cerberus_checkpoint(path, *, test_subset: int = 0, eval_batch_size: int = 64, root=None, **payload):
+    """A checkpoint as the runner writes it; ``payload`` replaces top-level entries."""
+    data = {"test_subset": test_subset, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    if root is not None:
+        data["root"] = str(root)
     config = ExperimentConfig.model_validate(
         {
             "model": {"blocks": [1, 1], "channels": [8, 16]},
-            "data": {"test_subset": test_subset, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+            "data": data,
             "train": {"device": "cpu", "precision": "fp32", "eval_batch_size": eval_batch_size},
         }
     )
@@ -174,6 +179,7 @@ def cerberus_checkpoint(path, *, test_subset: int = 0, eval_batch_size: int = 64
             "config": config.to_dict(),
             "architecture": TINY.to_dict(),
             "cerberus_version": "0.1.0",
+            **payload,
         },
     )
     return path
@@ -190,6 +196,37 @@ def test_load_model_prefers_ema_weights(tmp_path):
     assert torch.equal(model.state_dict()["linear.weight"], tiny_model(0).state_dict()["linear.weight"])
     with pytest.raises(ConfigError, match=r"records its architecture; design overrides \(pool_size\)"):
         load_model(path, overrides={"pool_size": 4})
+
+
+def test_best_pt_of_an_ema_run_holds_ema_weights_only(tmp_path):
+    # best.pt of an EMA run: the EMA weights under "model", no raw weights
+    path = cerberus_checkpoint(
+        tmp_path / "best.pt", model=tiny_model(1).state_dict(), ema=None, weights="ema", role="best"
+    )
+    model, info = load_model(path)
+    assert info["weights"] == "ema"
+    assert torch.equal(model.state_dict()["linear.weight"], tiny_model(1).state_dict()["linear.weight"])
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, use_ema=False)
+    assert str(err.value) == (
+        f"{path} holds the EMA weights only (best.pt of an EMA run keeps no raw weights); "
+        "to evaluate the raw weights, use the run's last.pt with --no-ema"
+    )
+    # without EMA, best.pt holds the raw weights: --no-ema is no contradiction
+    plain = cerberus_checkpoint(tmp_path / "plain.pt", ema=None, weights="model", role="best")
+    assert load_model(plain, use_ema=False)[1]["weights"] == "model"
+
+
+def test_a_recorded_data_root_that_is_gone_is_named(tmp_path, fake_cifar, monkeypatch):
+    gone = tmp_path / "moved-away"
+    path = cerberus_checkpoint(tmp_path / "best.pt", test_subset=20, root=gone)
+    monkeypatch.setenv("CERBERUS_DATA", str(fake_cifar))  # a fallback that must not be taken
+    with pytest.raises(DataError) as err:
+        evaluate_checkpoint(path)
+    assert (
+        str(err.value) == f"data.root {gone} recorded in the checkpoint does not exist here; pass --data-dir"
+    )
+    assert evaluate_checkpoint(path, data_dir=fake_cifar)["images"] == 20
 
 
 def test_unusable_weights_are_refused_with_the_reason(tmp_path, fake_cifar):
@@ -225,6 +262,18 @@ def test_confusion_plot_writes_a_png(tmp_path):
     path = confusion_plot([[3, 1], [0, 2]], ["cat", "dog"], tmp_path)
     assert path == tmp_path / "confusion.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_report_writes_the_plot_and_the_json(tmp_path):
+    result = {"accuracy": 0.5, "per_class": [{"class": "cat"}, {"class": "dog"}]}
+    result["confusion_matrix"] = [[1, 1], [1, 1]]
+    out = tmp_path / "a" / "b"
+    assert write_report(result, out) == [out / "confusion.png", out / "eval.json"]
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved == {**result, "files": [str(out / "confusion.png"), str(out / "eval.json")]}
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(CerberusError, match=r"could not write into .*eval\.json"):
+        write_report(result, out / "eval.json")  # a file, not a folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,4 +360,19 @@ def test_eval_errors_are_one_line(tmp_path, fake_cifar):
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["eval", str(bad), "--device", "tpu"])
     assert result.exit_code == 2
-    assert result.stderr == "Error: device: choose one of auto, cpu, cuda, mps, got 'tpu'\n"
+    assert result.stderr == "Error: --device: choose one of auto, cpu, cuda, mps, got 'tpu'\n"
+
+
+def test_eval_errors_name_the_flag(weights, fake_cifar):
+    args = ["eval", str(weights), "--data-dir", str(fake_cifar)]
+    result = runner.invoke(app, [*args, "--test-subset", "100000"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --test-subset: 100000 is more than the 200 test images\n"
+    result = runner.invoke(app, [*args, "--device", "cpu", "--precision", "fp16"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --precision: fp16 is not supported on the CPU; use bf16 or fp32\n"
+    if torch.cuda.is_available():
+        pytest.skip("--device cuda is refused only on a machine without CUDA")
+    result = runner.invoke(app, [*args, "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --device: 'cuda' was asked for, but no CUDA GPU is available\n"

@@ -15,8 +15,8 @@ from cerberus.arch import Architecture
 from cerberus.cli import app
 from cerberus.config import CIFAR10_MEAN, CIFAR10_STD
 from cerberus.data import CLASSES
-from cerberus.errors import DataError
-from cerberus.kaggle import read_unlabeled, write_probabilities, write_submission
+from cerberus.errors import CerberusError, DataError
+from cerberus.kaggle import predict_unlabeled, read_unlabeled, write_probabilities, write_submission
 from cerberus.model import build_model
 
 N = 12
@@ -174,6 +174,7 @@ def bad_inputs(tmp_path) -> list[tuple[object, str]]:
         ({b"data": good[:, :100]}, "'data' has shape [12, 100]; expected N x 3072"),
         ({b"data": good.astype(np.float32) / 255}, "'data' has dtype float32; expected uint8"),
         ({b"data": good, b"ids": np.arange(N - 1)}, "has 11 ids but 12 images"),
+        ({b"data": good, b"ids": [*range(N - 1), 3]}, "id 3 appears more than once"),
         ({b"data": good[:0]}, "holds no images"),
         ({b"data": Marker(tmp_path / "MARKER")}, "could run arbitrary code"),
     ]
@@ -195,6 +196,29 @@ def test_each_bad_input_gets_its_own_message(tmp_path, weights):
         assert "Traceback" not in result.output
     assert not (tmp_path / "MARKER").exists()
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_predict_checks_the_model_and_the_output_before_the_input(tmp_path, weights):
+    missing_input = str(tmp_path / "nope.pkl")
+    result = runner.invoke(app, ["predict", str(tmp_path / "gone.pt"), "--input", missing_input,
+                                 "--output", str(tmp_path / "sub.csv")])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tmp_path / 'gone.pt'}: no such checkpoint file\n"
+    no_folder = tmp_path / "no-such-folder" / "sub.csv"
+    result = runner.invoke(app, ["predict", str(weights), "--input", missing_input,
+                                 "--output", str(no_folder)])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: cannot write {no_folder}: the folder {no_folder.parent} does not exist\n"
+
+
+def test_a_missing_output_folder_is_refused_before_inference(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    seen = []
+    with pytest.raises(CerberusError, match=r"the folder .*missing does not exist"):
+        predict_unlabeled(weights, source, tmp_path / "sub.csv", probs_path=tmp_path / "missing" / "p.csv",
+                          progress=lambda done, total: seen.append(done))  # fmt: skip
+    assert seen == []  # no image was predicted
+    assert not (tmp_path / "sub.csv").exists()
 
 
 def test_predict_flag_errors(tmp_path, weights):

@@ -96,6 +96,8 @@ def test_default_space_covers_the_seed_exploration() -> None:
         ({"channels": [[8, 0]]}, "one positive width per stage"),
         ({"max_params": 10, "min_params": 10}, "must be below max_params"),
         ({"growth": ["2"]}, "growth.0"),
+        ({"blocks": [1, 2_000_000_000]}, "blocks: at most 256 blocks per stage, got [1, 2000000000]"),
+        ({"blocks": [[1, 2], [1, 257], [1, 2], [1, 2]]}, "blocks: at most 256 blocks per stage"),
     ],
 )
 def test_space_errors_name_the_key(data, message) -> None:
@@ -159,6 +161,18 @@ def test_enumeration_equals_brute_force(monkeypatch, chunk, sort) -> None:
     assert listed == {d[0] for d in fits}  # all of them, nothing over the budget
 
 
+def test_block_ranges_are_cut_to_the_budget_before_counting() -> None:
+    space = space_from_dict({"stages": [3], "blocks": [1, 256], "base_width": [64]})
+    seen = []
+    result = enumerate_designs(space, top=1, on_progress=lambda done, total: seen.append((done, total)))
+    # 256**3 designs, but only stage ranges [1, 51] x [1, 13] x [1, 4] can fit 5M: one small chunk
+    assert seen == [(256**3, 256**3)]
+    assert (result.total, result.within_budget) == (256**3, 606)
+    (best,) = result.candidates
+    assert best.architecture.blocks == (44, 3, 1)
+    assert best.params == count_params(best.architecture) == 4_999_754
+
+
 def test_explicit_channel_lists() -> None:
     space = space_from_dict({"channels": [[8, 16], [8, 12, 16]], "blocks": [1, 3], "max_params": 20_000})
     designs = brute_force(space)
@@ -211,6 +225,17 @@ def test_written_configs_are_valid_train_configs(tmp_path) -> None:
         assert config.train.epochs == 7
 
 
+def test_written_configs_replace_old_files_atomically(tmp_path) -> None:
+    result = enumerate_designs(space_from_dict(SMALL_SPACE), top=1)
+    (path,) = write_candidate_configs(result, tmp_path)
+    path.write_text("old")
+    os.link(path, tmp_path / "reader.toml")  # a reader holding the old file
+    assert write_candidate_configs(result, tmp_path) == [path]
+    assert (tmp_path / "reader.toml").read_text() == "old"  # a new file, renamed over the path
+    assert load_config(path).model.architecture() == result.candidates[0].architecture
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "reader.toml"])
+
+
 # --------------------------------------------------------------------------------------------
 # CLI: enumeration
 
@@ -247,7 +272,8 @@ def test_cli_table() -> None:
     [
         (["--storage", "sqlite:///x.db"], "--storage only apply to trials: add --trials N"),
         (["--set", "train.epochs=2"], "--set only apply to trials"),
-        (["--max-params", "0"], "max_params: Input should be greater than 0"),
+        (["--max-params", "0"], "--max-params: must be positive, got 0"),
+        (["--min-params", "-1"], "--min-params: must be 0 or more, got -1"),
         (["--top", "-1"], "--top: must be 0 or more"),
         (["missing.toml"], "missing.toml: no such config file"),
         (["--trials", "1", "--sort", "macs"], "--sort only apply to enumeration: drop --trials"),

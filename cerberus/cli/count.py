@@ -49,10 +49,9 @@ def count_params_command(
 
     Examples:
 
+    \b
       cerberus count-params --blocks 3 5 3
-
       cerberus count-params --blocks 2 2 2 2 --channels 64 128 256 512 --json
-
       cerberus count-params configs/resnet24.toml --summary
     """
     from cerberus.arch import Architecture, architecture_problems, summarize

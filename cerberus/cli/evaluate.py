@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -159,13 +158,12 @@ def eval_command(
 
     Examples:
 
+    \b
       cerberus eval runs/resnet24/best.pt
-
       cerberus eval weights.pt --data-dir data --tta --out eval/
-
       cerberus eval best.pt --test-subset 1000 --json
     """
-    from cerberus.evaluate import confusion_plot, evaluate_checkpoint
+    from cerberus.evaluate import evaluate_checkpoint, write_report
 
     if trust_pickle:
         _warn_trust(checkpoint)
@@ -190,18 +188,7 @@ def eval_command(
             progress=progress,
         )
     if out is not None:
-        from cerberus.files import replace_atomically
-
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            classes = [row["class"] for row in result["per_class"]]
-            plot = confusion_plot(result["confusion_matrix"], classes, out / "confusion.png")
-            result["files"] = [str(plot), str(out / "eval.json")]
-            replace_atomically(out / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
-        except OSError as err:
-            from cerberus.errors import CerberusError
-
-            raise CerberusError(f"could not write into {out}: {err.strerror or err}") from None
+        result["files"] = [str(path) for path in write_report(result, out)]
     if as_json:
         emit_json(result)
         return
@@ -241,8 +228,8 @@ def predict_command(
 
     Examples:
 
+    \b
       cerberus predict runs/resnet24/best.pt --input cifar_test_nolabel.pkl --output submission.csv
-
       cerberus predict best.pt --input test.pkl --output sub.csv --tta --probs probs.csv
     """
     from cerberus.errors import ConfigError

@@ -314,10 +314,9 @@ def search_command(
 
     Examples:
 
+    \b
       cerberus search --max-params 2000000 --top 5
-
       cerberus search configs/search-space.toml --json --write-configs found/
-
       cerberus search configs/search-space.toml --trials 20 --set train.epochs=5
     """
     from cerberus.config import load_config, read_toml
@@ -325,11 +324,12 @@ def search_command(
 
     if top < 0:
         raise fail(f"--top: must be 0 or more, got {top}", 2)
+    if max_params is not None and max_params <= 0:
+        raise fail(f"--max-params: must be positive, got {max_params}", 2)
+    if min_params is not None and min_params < 0:
+        raise fail(f"--min-params: must be 0 or more, got {min_params}", 2)
     space = load_space(space_file)
     if max_params is not None or min_params is not None:
-        for flag, value in (("--max-params", max_params), ("--min-params", min_params)):
-            if value is not None and value < 0:
-                raise fail(f"{flag}: must be positive, got {value}", 2)
         space = space.with_budget(max_params, min_params)
     base = None
     if config is not None:

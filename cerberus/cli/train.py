@@ -12,13 +12,17 @@ from cerberus.cli._app import MultiValueCommand, app, fail, handle_errors
 
 
 class TrainDisplay:
-    """Renders the runner's events: rich progress bars on a terminal, plain lines elsewhere."""
+    """Renders the runner's events: rich progress bars on a terminal, plain lines elsewhere.
+
+    Piped or redirected output gets one line per event, never wrapped (soft_wrap) and with no
+    progress bars, which would only leave stale frames such as "steps 0/8" in a log file.
+    """
 
     def __init__(self, quiet: bool):
         from rich.console import Console
 
-        self.console = Console(stderr=False, highlight=False)
-        self.quiet = quiet
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
+        self.quiet = quiet or not self.console.is_terminal
         self.progress = None
         self.epoch_task = self.batch_task = None
 
@@ -141,7 +145,9 @@ def train_command(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run of this last.pt, in its own directory.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (none either when not a terminal).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines of events, for scripts.")] = False,
 ) -> None:
     """Train a ResNet on CIFAR-10 from a validated config.
@@ -153,12 +159,10 @@ def train_command(
 
     Examples:
 
+    \b
       cerberus train configs/cpu-quick.toml
-
       cerberus train configs/resnet24.toml --set train.epochs=50 --out runs/r24
-
       cerberus train --resume runs/r24/last.pt
-
       torchrun --nproc-per-node 2 -m cerberus train configs/resnet24.toml
     """
     from cerberus.config import load_config

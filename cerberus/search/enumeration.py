@@ -8,9 +8,10 @@ for a fixed choice of widths and kernels, every stage's cost is linear in its nu
     params(b_1..b_N) = const + sum_i b_i * a_i        (and likewise for MACs)
 
 The coefficients come from :func:`cerberus.arch.count_params` / :func:`~cerberus.arch.count_macs`
-evaluated at a few block vectors (arch stays the single source of truth), and the whole blocks
-grid is then counted with numpy in chunks of at most :data:`CHUNK_DESIGNS` designs. Only the
-best ``top`` designs ever become Python objects.
+evaluated at a few block vectors (arch stays the single source of truth). Each stage's block
+range is first cut to what the budget allows (the rest is over it), and the remaining blocks
+grid is counted with numpy in chunks of at most :data:`CHUNK_DESIGNS` designs. Only the best
+``top`` designs ever become Python objects.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def _family(widths: tuple[int, ...], f: int, k: int, pool: int, stem: int) -> _F
     )
 
 
-def _families(space: SearchSpace) -> Iterator[_Family]:
-    """Every distinct (widths, kernels, pool, stem) combination, defaults resolved."""
+def _family_keys(space: SearchSpace) -> Iterator[tuple[tuple[int, ...], int, int, int, int]]:
+    """Every distinct (widths, F, K, pool, stem) combination, defaults resolved."""
     seen = set()
     for n in space.stage_counts():
         for widths, f, k, pool, stem in itertools.product(
@@ -95,14 +96,37 @@ def _families(space: SearchSpace) -> Iterator[_Family]:
             key = (widths, f, k, pool, stem or widths[0])
             if key not in seen:
                 seen.add(key)
-                yield _family(*key)
+                yield key
+
+
+def _families(space: SearchSpace) -> Iterator[_Family]:
+    return (_family(*key) for key in _family_keys(space))
 
 
 def count_designs(space: SearchSpace) -> int:
-    """Number of distinct designs in the space."""
+    """Number of distinct designs in the space: a product of range lengths per family (no counting)."""
     return sum(
-        math.prod(hi - lo + 1 for lo, hi in space.block_ranges(len(fam.widths))) for fam in _families(space)
+        math.prod(hi - lo + 1 for lo, hi in space.block_ranges(len(key[0]))) for key in _family_keys(space)
     )
+
+
+def _ranges_within_budget(
+    fam: _Family, ranges: Sequence[tuple[int, int]], max_params: int
+) -> list[tuple[int, int]] | None:
+    """``ranges`` with each stage's maximum lowered to what the budget allows; None if nothing fits.
+
+    Every block adds parameters (``coef > 0``), so stage ``i`` can hold at most
+    ``(max_params - const - sum_{j != i} lo_j * coef_j) // coef_i`` blocks: any design beyond
+    that is over the budget whatever the other stages hold. Without this, wide ranges would be
+    counted design by design even where the budget rules out nearly all of them.
+    """
+    coef = fam.coef_params
+    if any(a <= 0 for a in coef):  # cannot happen for this family of networks; never clip then
+        return list(ranges)
+    least = fam.const_params + sum(lo * a for (lo, _), a in zip(ranges, coef))  # all at minimum
+    if least > max_params:
+        return None
+    return [(lo, min(hi, lo + (max_params - least) // a)) for (lo, hi), a in zip(ranges, coef)]
 
 
 @dataclass(frozen=True)
@@ -195,9 +219,16 @@ def enumerate_designs(
     sizes = [math.prod(hi - lo + 1 for lo, hi in space.block_ranges(len(f.widths))) for f in families]
     grand_total, done, within = sum(sizes), 0, 0
     best = _TopK(top)
-    for family_index, fam in enumerate(families):
+    for family_index, (fam, size) in enumerate(zip(families, sizes)):
         n = len(fam.widths)
-        values = [np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in space.block_ranges(n)]
+        ranges = _ranges_within_budget(fam, space.block_ranges(n), space.max_params)
+        if ranges is None:  # even the smallest design of this family is over the budget
+            done += size
+            if on_progress is not None:
+                on_progress(done, grand_total)
+            continue
+        done += size - math.prod(hi - lo + 1 for lo, hi in ranges)  # skipped: over the budget
+        values = [np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in ranges]
         # Vectorise over the trailing stages (at most CHUNK_DESIGNS designs); loop over the rest.
         split, trailing = n, 1
         while split > 0 and trailing * len(values[split - 1]) <= CHUNK_DESIGNS:

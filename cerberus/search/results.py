@@ -56,13 +56,13 @@ def write_configs(
         configs.append((name, comment, design_config(arch, max_params, base, name=name)))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name, comment, config in configs:
-            path = out_dir / f"{name}.toml"
-            path.write_text(f"# {comment}\n{config.to_toml()}")
-            paths.append(path)
     except OSError as err:
         raise CerberusError(f"could not write configs to {out_dir}: {err.strerror or err}") from None
+    paths = []
+    for name, comment, config in configs:
+        path = out_dir / f"{name}.toml"
+        atomic_write(path, f"# {comment}\n{config.to_toml()}")  # never a half-written config
+        paths.append(path)
     return paths
 
 

@@ -12,6 +12,8 @@ from cerberus.arch import MAX_STAGES, Architecture
 from cerberus.config import format_validation_error, read_toml
 from cerberus.errors import ConfigError
 
+MAX_BLOCKS = 256  # blocks per stage a space may ask for (a 256-block stage is already absurd)
+
 
 def final_side(num_stages: int) -> int:
     """Side of the last stage's feature map for a 32x32 input (see cerberus.arch)."""
@@ -31,7 +33,7 @@ class SearchSpace(BaseModel):
     blocks: list[int] | list[list[int]] = Field(
         default=[1, 16],
         description="Blocks per stage (B), an inclusive range: [min, max] for every stage, or one "
-        "[min, max] per stage (as many as the largest stage count).",
+        f"[min, max] per stage (as many as the largest stage count); max <= {MAX_BLOCKS}.",
     )
     base_width: list[int] = Field(
         default=[16, 32, 48, 64, 96, 128],
@@ -117,6 +119,8 @@ class SearchSpace(BaseModel):
             return ["blocks: expected [min, max] or a list of [min, max], one per stage"]
         if any(r[0] < 1 or r[0] > r[1] for r in ranges):
             return [f"blocks: each range needs 1 <= min <= max, got {self.blocks}"]
+        if any(r[1] > MAX_BLOCKS for r in ranges):
+            return [f"blocks: at most {MAX_BLOCKS} blocks per stage, got {self.blocks}"]
         if isinstance(self.blocks[0], list) and len(self.blocks) < max(counts):
             return [f"blocks: {len(self.blocks)} ranges given but designs have up to {max(counts)} stages"]
         return []

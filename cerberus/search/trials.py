@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cerberus.arch import Architecture, count_macs, count_params
-from cerberus.config import apply_overrides, config_from_dict
+from cerberus.config import apply_overrides, config_from_dict, override_keys
 from cerberus.errors import BudgetError, ConfigError, DivergenceError, Interrupted
 from cerberus.search.enumeration import _family
 from cerberus.search.results import SearchResult, TrialRecord, design_config, study_pareto, write_results
@@ -44,7 +44,8 @@ def trial_base(
         raise ConfigError("--set model.*: the model comes from the search space; change the space instead")
     data = apply_overrides(base or {}, [f"train.epochs={epochs}", *overrides])
     data.setdefault("train", {})["test_every_epoch"] = False
-    config = config_from_dict(data, source="trial config", enforce_budget=False)
+    set_by = override_keys(list(overrides))
+    config = config_from_dict(data, source="trial config", enforce_budget=False, set_by=set_by)
     if config.data.val_size == 0:
         raise ConfigError(
             "trial config: data.val_size is 0, but trials are ranked by validation accuracy "
