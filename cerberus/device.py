@@ -3,8 +3,11 @@
 * device ``auto``: CUDA, then Apple MPS, then the CPU.
 * precision ``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX;
   fp16 with a gradient scaler on GPUs with fp16 but no bf16; fp32 otherwise.
-* channels_last (NHWC) for the convolutions wherever a reduced precision is used (oneDNN and
-  cuDNN pick their fastest kernels for it), unless the config says otherwise.
+* channels_last (NHWC) for the convolutions on CUDA, on the CPU and wherever a reduced precision
+  is used (cuDNN and oneDNN pick their fastest kernels for it), unless the config says otherwise.
+  On the CPU this holds in fp32 too: on an AVX2-only 2-core EPYC, oneDNN trained ResNet-24 1.15x
+  faster and [1, 1, 1]-style small nets 1.2-1.75x faster in NHWC (benchmarks/RESULTS.md). Only
+  fp32 on Apple MPS keeps NCHW.
 """
 
 from __future__ import annotations
@@ -106,5 +109,5 @@ def resolve_placement(
     dev = resolve_device(device, source=sources[0])
     prec = resolve_precision(precision, dev, source=sources[1])
     if channels_last is None:
-        channels_last = prec != "fp32" or dev.type == "cuda"
+        channels_last = prec != "fp32" or dev.type in ("cuda", "cpu")
     return Placement(dev, prec, channels_last)
