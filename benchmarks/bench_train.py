@@ -1,0 +1,279 @@
+"""Training throughput: `cerberus train` against the seed's pipeline, and what the loop costs.
+
+    python benchmarks/bench_train.py --data-dir /tmp/cifar10                 # both parts
+    python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part jobs --reps 2
+    python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part loop --steps 3 --reps 3
+    python benchmarks/bench_train.py --data-dir /tmp/cifar10 --device cuda   # on a GPU machine
+
+Part ``jobs``: the job "1 epoch of ResNet-24 (blocks 3 5 3, channels 64 128 256) in batches of
+128 on the first 2,560 training images, then the first 1,000 test images", done twice per rep in
+subprocesses, wall time from start to exit (start-up, data loading, checkpoints and evaluation
+count on both sides), the two sides alternating (seed, ours, ours, seed, ...):
+
+* ours: ``cerberus train`` with a config of the seed's optimiser (SGD lr 0.01, momentum 0.9,
+  weight decay 5e-4 on every parameter, constant LR), crop 4 + flip, data.train_subset=2560,
+  data.val_size=0, data.test_subset=1000, train.epochs=1, every other setting at its default
+  (precision and layout ``auto``);
+* seed: ``benchmarks/seed_pipeline.py train`` (PIL transforms in a 2-worker DataLoader, fp32,
+  NCHW; see that file).
+
+Part ``loop``: in-loop images/s of ``Trainer.run_epoch`` on real images (batch order,
+augmentation, LR schedule, loss and accuracy bookkeeping, a host read per step) against a bare
+forward + backward + SGD step on one fixed synthetic batch, same model, precision and layout,
+epochs of ``--steps`` steps interleaved with bare runs of as many steps.
+
+Both parts also print the rate in GFLOP/s (training ~ 3 x 2 x MACs per image) against this
+machine's fp32 GEMM rate measured in the same run, the practical ceiling for a conv net here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    BENCHMARKS,
+    cerberus_command,
+    describe_machine,
+    gemm_gflops,
+    last_json,
+    median,
+    timed_command,
+)
+
+BLOCKS, CHANNELS, BATCH = (3, 5, 3), (64, 128, 256), 128
+
+CONFIG = """\
+name = "bench-train"
+seed = 0
+
+[model]
+blocks = {blocks}
+channels = {channels}
+
+[data]
+train_subset = {train_images}
+val_size = 0
+test_subset = {test_images}
+
+[augment]
+crop_padding = 4
+flip = true
+
+[train]
+epochs = 1
+batch_size = {batch}
+optimizer = "sgd"
+lr = 0.01
+momentum = 0.9
+weight_decay = 5e-4
+schedule = "constant"
+"""
+
+
+def train_gflop_per_image() -> float:
+    from cerberus.arch import Architecture, count_macs
+
+    return 3 * 2 * count_macs(Architecture(blocks=BLOCKS, channels=CHANNELS)) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Part 1: the whole job, ours against the seed's
+
+
+def run_ours(config: Path, data_dir: str, out: Path, device: str) -> tuple[float, dict]:
+    cmd = [*cerberus_command(), "train", str(config), "--data-dir", data_dir, "--out", str(out), "--json"]
+    cmd += ["--set", f"train.device={device}"]
+    seconds, stdout = timed_command(cmd)
+    return seconds, last_json(stdout, "summary")["summary"]
+
+
+def run_seed(data_dir: str, train_images: int, test_images: int, device: str) -> tuple[float, dict]:
+    cmd = [
+        sys.executable,
+        str(BENCHMARKS / "seed_pipeline.py"),
+        "train",
+        "--data-dir",
+        data_dir,
+        "--train-images",
+        str(train_images),
+        "--test-images",
+        str(test_images),
+        "--device",
+        device,
+    ]
+    seconds, stdout = timed_command(cmd)
+    return seconds, last_json(stdout)
+
+
+def jobs(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    config = work / "bench-train.toml"
+    config.write_text(
+        CONFIG.format(
+            blocks=list(BLOCKS),
+            channels=list(CHANNELS),
+            train_images=args.train_images,
+            test_images=args.test_images,
+            batch=BATCH,
+        )
+    )
+    walls: dict[str, list[float]] = {"seed": [], "ours": []}
+    rates: dict[str, list[float]] = {"seed": [], "ours": []}
+    for rep in range(args.reps):
+        for side in ("seed", "ours") if rep % 2 == 0 else ("ours", "seed"):
+            if side == "ours":
+                seconds, result = run_ours(config, args.data_dir, work / f"run{rep}", args.device)
+                rate, accuracy = result["train_images_per_sec"], result["test_accuracy"]
+                extra = f"{result['device']} {result['precision']} channels_last={result['channels_last']}"
+            else:
+                seconds, result = run_seed(args.data_dir, args.train_images, args.test_images, args.device)
+                rate, accuracy = result["train_images_per_sec"], result["test_accuracy"]
+                extra = f"{args.device} fp32 NCHW"
+            walls[side].append(seconds)
+            rates[side].append(rate)
+            print(
+                f"  rep {rep + 1} {side:4s}: {seconds:7.1f} s wall, in-loop {rate:5.1f} img/s, "
+                f"test acc {accuracy:.3f}, peak RSS {result['peak_rss_mb']:,.0f} MB ({extra})",
+                flush=True,
+            )
+    gflop = train_gflop_per_image()
+    seed_wall, ours_wall = median(walls["seed"]), median(walls["ours"])
+    print(
+        f"job ({args.train_images:,} train + {args.test_images:,} test images, ResNet-24, batch {BATCH}), "
+        f"median of {args.reps}: seed {seed_wall:.1f} s, ours {ours_wall:.1f} s -> "
+        f"speed-up {seed_wall / ours_wall:.2f}x"
+    )
+    seed_rate, ours_rate = median(rates["seed"]), median(rates["ours"])
+    print(
+        f"in-loop training rate: seed {seed_rate:.1f} img/s ({seed_rate * gflop:.0f} GFLOP/s), "
+        f"ours {ours_rate:.1f} img/s ({ours_rate * gflop:.0f} GFLOP/s) -> {ours_rate / seed_rate:.2f}x"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Part 2: the loop's cost against a bare step
+
+
+def loop(args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from cerberus.arch import Architecture
+    from cerberus.config import AugmentConfig, TrainConfig
+    from cerberus.data import Augmenter, load_cifar10, step_generator
+    from cerberus.device import resolve_placement
+    from cerberus.engine import EpochState, LRSchedule, Trainer, build_optimizer
+    from cerberus.model import build_model
+
+    placement = resolve_placement(args.device)
+    device, mf = placement.device, placement.memory_format
+    n = BATCH * args.steps
+    data = load_cifar10(Path(args.data_dir), download=False, split="train")
+    images, labels = data.train_images[:n].to(device), data.train_labels[:n].to(device)
+    del data
+    cfg = TrainConfig(
+        epochs=1000, batch_size=BATCH, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant"
+    )
+    augment = AugmentConfig(crop_padding=4, flip=True)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+    torch.manual_seed(0)
+    model = build_model(Architecture(blocks=BLOCKS, channels=CHANNELS)).to(device, memory_format=mf)
+    bare_model = copy.deepcopy(model)
+    trainer = Trainer(
+        model=model,
+        optimizer=build_optimizer(model, cfg),
+        schedule=LRSchedule(cfg, args.steps),
+        augmenter=Augmenter(augment, mean, std),
+        placement=placement,
+        cfg=cfg,
+        seed=0,
+        images=images,
+        labels=labels,
+    )
+    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=mf)
+    y = torch.randint(0, 10, (BATCH,), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare_steps() -> float:
+        bare_model.train()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            with placement.autocast():
+                logits = bare_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            bare_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bare_opt.step()
+        sync()
+        return time.perf_counter() - start
+
+    def loop_steps(epoch: int) -> float:
+        start = time.perf_counter()
+        trainer.run_epoch(epoch, EpochState())
+        return time.perf_counter() - start
+
+    augmenter = trainer.augmenter
+
+    def augment_once(step: int) -> float:
+        generator = step_generator(0, 0, step, device)
+        idx = torch.arange(BATCH, device=device)
+        sync()
+        start = time.perf_counter()
+        batch, _ = augmenter(images[idx], labels[idx], generator)
+        batch.contiguous(memory_format=mf)
+        sync()
+        return time.perf_counter() - start
+
+    print(f"placement: {placement.describe()}; {args.steps} steps of {BATCH} per measurement", flush=True)
+    bare_steps(), loop_steps(0)  # warm-up: oneDNN primitives, allocator
+    times: dict[str, list[float]] = {"bare": [], "loop": []}
+    for rep in range(args.reps):
+        for side in ("bare", "loop") if rep % 2 == 0 else ("loop", "bare"):
+            times[side].append(bare_steps() if side == "bare" else loop_steps(rep + 1))
+        print(f"  rep {rep + 1}: bare {times['bare'][-1]:.2f} s, loop {times['loop'][-1]:.2f} s", flush=True)
+    gflop = train_gflop_per_image()
+    bare_rate, loop_rate = n / median(times["bare"]), n / median(times["loop"])
+    augment_ms = 1000 * median([augment_once(s) for s in range(20)])
+    print(
+        f"bare step {bare_rate:.1f} img/s ({bare_rate * gflop:.0f} GFLOP/s), in-loop {loop_rate:.1f} img/s "
+        f"-> in-loop / bare = {loop_rate / bare_rate:.1%}"
+    )
+    print(
+        f"augmentation (crop 4 + flip + normalise + layout) of one batch of {BATCH}: {augment_ms:.1f} ms "
+        f"= {augment_ms / 1000 / (BATCH / bare_rate):.2%} of a bare step"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--part", choices=["all", "jobs", "loop"], default="all")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions of each side (median reported)")
+    parser.add_argument("--train-images", type=int, default=2560)
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3, help="steps per loop/bare measurement")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda, for both sides")
+    args = parser.parse_args()
+    print(describe_machine())
+    print(f"fp32 GEMM ceiling now: {gemm_gflops():.0f} GFLOP/s", flush=True)
+    if args.part in ("all", "jobs"):
+        jobs(args)
+    if args.part in ("all", "loop"):
+        loop(args)
+    print(f"fp32 GEMM ceiling at the end: {gemm_gflops():.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
