@@ -3,11 +3,11 @@
 * device ``auto``: CUDA, then Apple MPS, then the CPU.
 * precision ``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX;
   fp16 with a gradient scaler on GPUs with fp16 but no bf16; fp32 otherwise.
-* channels_last (NHWC) for the convolutions on CUDA, on the CPU and wherever a reduced precision
-  is used (cuDNN and oneDNN pick their fastest kernels for it), unless the config says otherwise.
-  On the CPU this holds in fp32 too: on an AVX2-only 2-core EPYC, oneDNN trained ResNet-24 1.15x
-  faster and [1, 1, 1]-style small nets 1.2-1.75x faster in NHWC (benchmarks/RESULTS.md). Only
-  fp32 on Apple MPS keeps NCHW.
+* channels_last (NHWC) for the convolutions on CUDA and wherever a reduced precision is used
+  (cuDNN and oneDNN pick their fastest kernels for it), unless the config says otherwise. On the
+  CPU in fp32 NHWC was measured 1.15-1.75x faster on an AVX2-only EPYC (benchmarks/RESULTS.md),
+  but oneDNN crashed natively on some very narrow designs there, so it stays opt-in
+  (``train.channels_last = true``) for fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -109,5 +109,5 @@ def resolve_placement(
     dev = resolve_device(device, source=sources[0])
     prec = resolve_precision(precision, dev, source=sources[1])
     if channels_last is None:
-        channels_last = prec != "fp32" or dev.type in ("cuda", "cpu")
+        channels_last = prec != "fp32" or dev.type == "cuda"
     return Placement(dev, prec, channels_last)
