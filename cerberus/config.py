@@ -207,6 +207,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         default=0, ge=0, description="Also write last.pt every N steps within an epoch; 0 = off."
     )
+    save_every_epochs: int = Field(
+        default=1,
+        gt=0,
+        description="Write last.pt (and a new best.pt) every N epochs, at the last and on a stop.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

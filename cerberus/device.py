@@ -111,3 +111,16 @@ def resolve_placement(
     if channels_last is None:
         channels_last = prec != "fp32" or dev.type == "cuda"
     return Placement(dev, prec, channels_last)
+
+
+def tune_backends(placement: Placement) -> None:
+    """Process-wide kernel choices for training on ``placement``.
+
+    On CUDA, cuDNN benchmarks its convolution algorithms once per shape and keeps the fastest
+    (training shapes repeat every step); fp32 matrix products may use TF32 tensor cores. Neither
+    changes anything on the CPU, where results stay bitwise reproducible.
+    """
+    if placement.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -33,7 +33,7 @@ from cerberus.checkpoint import FORMAT, FORMAT_VERSION, all_finite, load_checkpo
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.data import Augmenter, load_cifar10, make_splits, resolve_data_root
-from cerberus.device import Placement, resolve_placement
+from cerberus.device import Placement, resolve_placement, tune_backends
 from cerberus.distributed import DistContext
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
 from cerberus.errors import CerberusError, ConfigError, DivergenceError, Interrupted
@@ -42,6 +42,8 @@ from cerberus.files import atomic_write, run_lock
 from cerberus.model import build_model
 
 EventSink = Callable[[dict[str, Any]], None]
+
+PLOT_EVERY_SECONDS = 30.0  # curves.png is redrawn at most this often while training runs
 
 
 @dataclass
@@ -135,6 +137,8 @@ class Run:
         self.best_val: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None  # when checkpoints are off
+        self.pending_best: dict[str, Any] | None = None  # best.pt not written yet (save_every_epochs)
+        self.plotted: tuple[int, float] = (0, 0.0)  # (epochs in curves.png, when it was drawn)
         self.wall_start = time.perf_counter()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -168,6 +172,7 @@ class Run:
                 self.dist.device, self.placement.precision, self.placement.channels_last
             )
         device = self.placement.device
+        tune_backends(self.placement)
 
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         random.seed(cfg.seed)
@@ -271,6 +276,13 @@ class Run:
             "torch_version": str(torch.__version__),
         }
 
+    def save_last(self, payload: dict[str, Any]) -> None:
+        """Write last.pt, after the best.pt that its ``best_epoch`` names if that is still pending."""
+        if self.pending_best is not None:
+            self.save("best.pt", self.pending_best)
+            self.pending_best = None
+        self.save("last.pt", payload)
+
     def save(self, name: str, payload: dict[str, Any]) -> None:
         """Write a checkpoint on rank 0; every rank calls this, so a failure stops all of them."""
         with self.dist.agreement():
@@ -295,16 +307,26 @@ class Run:
             return "the last good checkpoint was kept"
         return "no checkpoint had been written yet"
 
-    def write_metrics(self) -> None:
+    def write_metrics(self, plot: bool = False) -> None:
+        """metrics.jsonl, and curves.png when ``plot``, at the first epoch, or when the last
+        drawing is :data:`PLOT_EVERY_SECONDS` old (drawing takes longer than a fast GPU epoch)."""
         with self.dist.agreement():
             if not self.dist.is_main:
                 return
             lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
             atomic_write(self.out_dir / "metrics.jsonl", lines)
-            if self.metrics:
-                from cerberus.report import plot_curves
+            self.plot(force=plot)
 
-                plot_curves(self.metrics, self.out_dir / "curves.png")
+    def plot(self, force: bool = True) -> None:
+        """Draw curves.png (rank 0) if it lacks epochs and ``force`` or it is old or empty."""
+        epochs, drawn_at = self.plotted
+        if not self.dist.is_main or epochs == len(self.metrics):
+            return
+        if force or epochs == 0 or time.perf_counter() - drawn_at >= PLOT_EVERY_SECONDS:
+            from cerberus.report import plot_curves
+
+            plot_curves(self.metrics, self.out_dir / "curves.png")
+            self.plotted = (len(self.metrics), time.perf_counter())
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -371,11 +393,11 @@ class Run:
             # last save. The epoch's last step and interrupts save below.
             position = epoch * steps + step
             if every and step < steps and position - saved_at >= every:
-                self.save("last.pt", self.payload(epoch, step, st))
+                self.save_last(self.payload(epoch, step, st))
                 saved_at = position
 
         if start_epoch >= cfg.train.epochs:  # resuming a finished run: a kill may have come
-            self.write_metrics()  # between its last last.pt and metrics.jsonl
+            self.write_metrics(plot=True)  # between its last last.pt and metrics.jsonl
         for epoch in range(start_epoch, cfg.train.epochs):
             try:
                 state, step = self.trainer.run_epoch(
@@ -384,7 +406,9 @@ class Run:
             except DivergenceError as err:
                 raise DivergenceError(f"{err}; {self.checkpoint_state()}") from None
             if step < steps:  # interrupted mid-epoch
-                self.save("last.pt", self.payload(epoch, step, state))
+                self.save_last(self.payload(epoch, step, state))
+                with self.dist.agreement():
+                    self.plot()
                 self.interrupted(stop, epoch, step)
             # Rank 0 evaluates (its weights and BatchNorm statistics are what it saves) and every
             # rank takes its line, so all of them select the same best epoch.
@@ -395,20 +419,30 @@ class Run:
                 self.best_val = line["selection_accuracy"] if has_val else None
                 self.best_epoch = epoch + 1
             payload = self.payload(epoch + 1, 0, EpochState())
+            # train.save_every_epochs: last.pt every N epochs and at the last; best.pt is written
+            # with the next last.pt, so that the two on disk always agree on the best epoch.
+            save_now = (epoch + 1) % cfg.train.save_every_epochs == 0 or epoch + 1 == cfg.train.epochs
             if improved:
                 # best.pt holds the selected weights (the EMA's when on) under "model"
                 best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
                 best["weights"] = "ema" if self.ema is not None else "model"
+                if not save_now or not self.save_checkpoints:  # training goes on: keep a copy
+                    best["model"] = {k: v.detach().clone() for k, v in best["model"].items()}
                 if self.save_checkpoints:
-                    self.save("best.pt", best)
+                    self.pending_best = best
                 else:
-                    self.best_state = {k: v.clone() for k, v in best["model"].items()}
-            self.save("last.pt", payload)
-            saved_at = (epoch + 1) * steps
-            self.write_metrics()
+                    self.best_state = best["model"]
+            if save_now:
+                self.save_last(payload)
+                saved_at = (epoch + 1) * steps
+            self.write_metrics(plot=epoch + 1 == cfg.train.epochs)
             self.emit({"event": "epoch", **line})
             state = EpochState()
             if self.dist.any_rank(stop()):
+                if not save_now:
+                    self.save_last(self.payload(epoch + 1, 0, EpochState()))
+                with self.dist.agreement():
+                    self.plot()
                 self.interrupted(stop, epoch + 1, 0)
 
     def selected_weights(self) -> dict[str, torch.Tensor]:

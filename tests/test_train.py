@@ -250,3 +250,67 @@ def test_epoch_wise_schedules_change_at_epoch_boundaries(schedule, expected):
     lr = LRSchedule(cfg, steps_per_epoch=4)
     for (epoch, step), value in expected.items():
         assert lr.lr_at(epoch, step) == pytest.approx(value), (epoch, step)
+
+
+def interrupt_after_epoch(epoch: int):
+    """An event sink that sends this process SIGINT once epoch ``epoch`` is reported."""
+
+    def sink(event):
+        if event["event"] == "epoch" and event["epoch"] == epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return sink
+
+
+def test_save_every_epochs_writes_fewer_checkpoints_that_still_agree(tmp_path, fake_cifar):
+    """last.pt every 2 epochs and at the last; best.pt follows it (never ahead, never behind),
+    and the run ends with the same weights as one that saved every epoch."""
+    cfg = tiny_config(tmp_path, "train.epochs=5", "train.ema_decay=0.9")
+    reference = train_run(cfg, out_dir=tmp_path / "every", data_dir=str(fake_cifar), evaluate_test=False)
+    run = tmp_path / "sparse"
+    on_disk = []
+
+    def record(event):
+        if event["event"] == "epoch":
+            if not (run / "last.pt").exists():
+                on_disk.append((event["epoch"], None, None))
+                return
+            last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+            best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+            assert last["best_epoch"] == best["epoch"]  # best.pt is the epoch last.pt names
+            on_disk.append((event["epoch"], last["epoch"], best["epoch"]))
+
+    sparse = train_run(
+        tiny_config(tmp_path, "train.epochs=5", "train.ema_decay=0.9", "train.save_every_epochs=2"),
+        out_dir=run,
+        data_dir=str(fake_cifar),
+        on_event=record,
+        evaluate_test=False,
+    )
+    assert [(e, last) for e, last, _ in on_disk] == [(1, None), (2, 2), (3, 2), (4, 4), (5, 5)]
+    assert_bitwise_equal(weights(reference.out_dir / "last.pt"), weights(run / "last.pt"))
+    assert_bitwise_equal(weights(reference.out_dir / "best.pt"), weights(run / "best.pt"))
+    assert sparse.summary["best_epoch"] == reference.summary["best_epoch"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_stop_between_save_points_still_writes_last_pt_and_resumes_exactly(tmp_path, fake_cifar):
+    overrides = ("train.epochs=4", "train.save_every_epochs=3")
+    full = train_run(tiny_config(tmp_path, *overrides), out_dir=tmp_path / "full", data_dir=str(fake_cifar))
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted) as info:
+        train_run(
+            tiny_config(tmp_path, *overrides),
+            out_dir=cut,
+            data_dir=str(fake_cifar),
+            on_event=interrupt_after_epoch(1),
+        )
+    assert "the end of epoch 1" in str(info.value)
+    ckpt = torch.load(cut / "last.pt", map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+    assert torch.load(cut / "best.pt", map_location="cpu", weights_only=True)["epoch"] == ckpt["best_epoch"]
+    assert (cut / "curves.png").exists()
+    resumed = train_run(resume=cut / "last.pt")
+    assert_bitwise_equal(weights(full.out_dir / "last.pt"), weights(cut / "last.pt"))
+    assert_bitwise_equal(weights(full.out_dir / "best.pt"), weights(cut / "best.pt"))
+    assert full.summary["test_accuracy"] == resumed.summary["test_accuracy"]
