@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cerberus.config import TrainConfig
-from cerberus.data import Augmenter, batch_indices, step_generator, steps_per_epoch
+from cerberus.data import Augmenter, epoch_permutation, step_generator, steps_per_epoch
 from cerberus.device import Placement
 from cerberus.errors import DivergenceError
 
@@ -174,11 +174,25 @@ class Trainer:
     base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
     _sync_every: int = field(default=1)
+    _order: tuple[int, torch.Tensor] | None = field(default=None)  # (epoch, its order on the device)
 
     def __post_init__(self) -> None:
         if self.base_model is None:
             self.base_model = self.model
         self._sync_every = 1 if self.placement.device.type == "cpu" else 20
+
+    def batch_indices(self, epoch: int, step: int) -> torch.Tensor:
+        """This rank's indices of global batch ``step`` of ``epoch``, on the images' device.
+
+        The same values as :func:`cerberus.data.batch_indices`, sliced from the epoch's order,
+        which goes to the device once per epoch: copying each step's indices from host memory
+        would make the host wait for the device every step (a synchronising copy).
+        """
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_permutation(len(self.labels), self.seed, epoch)
+            self._order = (epoch, order.to(self.images.device))
+        batch = self._order[1][step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+        return torch.tensor_split(batch, self.world_size)[self.rank]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -187,8 +201,7 @@ class Trainer:
     def train_step(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """One optimisation step; returns (loss sum, correct count, images, lr) of this rank."""
         n = len(self.labels)
-        idx = batch_indices(n, self.cfg.batch_size, self.seed, epoch, step, self.rank, self.world_size)
-        idx = idx.to(self.images.device)
+        idx = self.batch_indices(epoch, step)
         generator = step_generator(self.seed, epoch, step, self.placement.device, self.rank)
         x, targets = self.augmenter(self.images[idx], self.labels[idx], generator)
         x = x.contiguous(memory_format=self.placement.memory_format)

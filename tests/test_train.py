@@ -314,3 +314,30 @@ def test_a_stop_between_save_points_still_writes_last_pt_and_resumes_exactly(tmp
     assert_bitwise_equal(weights(full.out_dir / "last.pt"), weights(cut / "last.pt"))
     assert_bitwise_equal(weights(full.out_dir / "best.pt"), weights(cut / "best.pt"))
     assert full.summary["test_accuracy"] == resumed.summary["test_accuracy"]
+
+
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (3, 0), (3, 2)])
+def test_the_trainer_draws_the_batches_the_data_module_defines(world_size, rank):
+    """Trainer.batch_indices (the epoch's order kept on the device) equals data.batch_indices."""
+    from cerberus.data import batch_indices
+    from cerberus.device import Placement
+    from cerberus.engine import Trainer
+
+    n, batch = 103, 16
+    trainer = Trainer(
+        model=torch.nn.Linear(1, 1),
+        optimizer=None,
+        schedule=None,
+        augmenter=None,
+        placement=Placement(torch.device("cpu"), "fp32", False),
+        cfg=TrainConfig(batch_size=batch),
+        seed=5,
+        images=torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
+        labels=torch.zeros(n, dtype=torch.long),
+        rank=rank,
+        world_size=world_size,
+    )
+    for epoch in (0, 1, 0):
+        for step in range(7):
+            expected = batch_indices(n, batch, 5, epoch, step, rank, world_size)
+            assert torch.equal(trainer.batch_indices(epoch, step), expected)
