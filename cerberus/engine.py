@@ -174,7 +174,8 @@ class Trainer:
     base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
     _sync_every: int = field(default=1)
-    _order: tuple[int, torch.Tensor] | None = field(default=None)  # (epoch, its order on the device)
+    # (epoch, that epoch's order on the device)
+    _order: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.base_model is None:
@@ -188,6 +189,8 @@ class Trainer:
         which goes to the device once per epoch: copying each step's indices from host memory
         would make the host wait for the device every step (a synchronising copy).
         """
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} is outside the epoch's {self.steps_per_epoch} steps")
         if self._order is None or self._order[0] != epoch:
             order = epoch_permutation(len(self.labels), self.seed, epoch)
             self._order = (epoch, order.to(self.images.device))

@@ -420,11 +420,14 @@ class Run:
                 self.best_epoch = epoch + 1
             payload = self.payload(epoch + 1, 0, EpochState())
             # train.save_every_epochs: last.pt every N epochs and at the last; best.pt is written
-            # with the next last.pt, so that the two on disk always agree on the best epoch.
+            # just before the next last.pt, so that once both are written they name the same best
+            # epoch.
             save_now = (epoch + 1) % cfg.train.save_every_epochs == 0 or epoch + 1 == cfg.train.epochs
             if improved:
-                # best.pt holds the selected weights (the EMA's when on) under "model"
+                # best.pt holds the selected weights (the EMA's when on) under "model", and what
+                # describes them as of this epoch; it cannot be resumed, so no optimizer state.
                 best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
+                best.update(optimizer=None, metrics=list(self.metrics))
                 best["weights"] = "ema" if self.ema is not None else "model"
                 if not save_now or not self.save_checkpoints:  # training goes on: keep a copy
                     best["model"] = {k: v.detach().clone() for k, v in best["model"].items()}
