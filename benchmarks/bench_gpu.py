@@ -43,8 +43,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from cerberus.augment import Augmenter
     from cerberus.config import load_config
-    from cerberus.data import Augmenter, load_cifar10, make_splits
+    from cerberus.data import load_cifar10, make_splits
     from cerberus.device import resolve_placement, tune_backends
     from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
     from cerberus.evaluate import predict_logits

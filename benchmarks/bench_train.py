@@ -166,8 +166,9 @@ def loop(args) -> None:
     import torch.nn.functional as F
 
     from cerberus.arch import Architecture
+    from cerberus.augment import Augmenter
     from cerberus.config import AugmentConfig, TrainConfig
-    from cerberus.data import Augmenter, load_cifar10, step_generator
+    from cerberus.data import load_cifar10, step_generator
     from cerberus.device import resolve_placement
     from cerberus.engine import EpochState, LRSchedule, Trainer, build_optimizer
     from cerberus.model import build_model

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cerberus.augment import Augmenter
 from cerberus.config import TrainConfig
-from cerberus.data import Augmenter, epoch_permutation, step_generator, steps_per_epoch
+from cerberus.data import epoch_permutation, step_generator, steps_per_epoch
 from cerberus.device import Placement
 from cerberus.errors import DivergenceError
 

@@ -134,7 +134,7 @@ def predict_logits(
     _check_images(images)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    from cerberus.data import normalize  # the same arithmetic training applies to its batches
+    from cerberus.augment import normalize  # the same arithmetic training applies to its batches
 
     device, memory_format = placement.device, placement.memory_format
     model.to(device=device, memory_format=memory_format)

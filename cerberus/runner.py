@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from cerberus import __version__
+from cerberus.augment import Augmenter
 from cerberus.checkpoint import FORMAT, FORMAT_VERSION, all_finite, load_checkpoint, remove_stale_temporaries
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
-from cerberus.data import Augmenter, load_cifar10, make_splits, resolve_data_root
+from cerberus.data import load_cifar10, make_splits, resolve_data_root
 from cerberus.device import Placement, resolve_placement, tune_backends
 from cerberus.distributed import DistContext
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer

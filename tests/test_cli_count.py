@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -297,3 +298,21 @@ def test_building_the_cli_and_help_do_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_tables_written_to_a_pipe_keep_their_natural_width(monkeypatch):
+    """rich would squeeze a table into 80 columns when stdout is not a terminal."""
+    from rich.table import Table
+
+    from cerberus.cli._app import console
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    table = Table()
+    for i in range(10):
+        table.add_column(f"column {i}")
+    table.add_row(*(f"value {i:05d}" for i in range(10)))
+    console().print(table)
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) > 100
+    assert all(f"value {i:05d}" in lines[3] for i in range(10))  # the row on one line

@@ -86,10 +86,18 @@ def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
-def console():
+PIPED_WIDTH = 200  # columns for tables written to a file or a pipe (rich would assume 80)
+
+
+def console(stderr: bool = False):
+    """A rich console for results; piped or redirected, tables keep their natural width."""
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else PIPED_WIDTH
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _version_callback(value: bool) -> None:

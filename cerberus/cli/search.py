@@ -30,12 +30,6 @@ class PrunerChoice(str, Enum):
     none = "none"
 
 
-def stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
 # --------------------------------------------------------------------------------------------
 # Enumeration
 
@@ -70,7 +64,7 @@ def candidates_table(enumeration):
 def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
     from cerberus.search import count_designs, enumerate_designs, write_candidate_configs
 
-    err = stderr_console()
+    err = console(stderr=True)
     on_progress, progress = None, None
     if err.is_terminal and count_designs(space) > 5_000_000:
         from rich.progress import Progress
@@ -113,7 +107,7 @@ class TrialsDisplay:
     def __init__(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = stderr_console()
+        self.console = console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=20),

@@ -1,0 +1,240 @@
+"""cerberus.augment: batched augmentation and normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cerberus import augment as aug  # ``augment`` is this file's helper that runs an Augmenter
+from cerberus import data
+from cerberus.config import AugmentConfig
+
+IDENTITY = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))  # mean, std that leave pixel values as they are
+
+
+def random_images(b: int, seed: int = 0, low: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, 256, (b, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def augment(cfg: AugmentConfig, images: torch.Tensor, seed: int = 0, labels: torch.Tensor | None = None):
+    labels = torch.arange(len(images)) % 10 if labels is None else labels
+    augmenter = aug.Augmenter(cfg, *IDENTITY)
+    return augmenter(images, labels, torch.Generator().manual_seed(seed))
+
+
+def test_normalize_values() -> None:
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    out = aug.normalize(images, mean=(0.5, 0.2, 0.0), std=(0.25, 0.1, 2.0))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
+    expected = torch.tensor([-2.0, 0.0, 0.5]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert aug.normalize(images, (0.5,) * 3, (0.25,) * 3, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(aug.normalize(images, *IDENTITY), images.float())  # exact for identity
+    with pytest.raises(ValueError, match="uint8"):
+        aug.normalize(images.float(), (0.5,) * 3, (0.25,) * 3)
+
+
+def test_no_crop_no_flip_is_just_normalize() -> None:
+    images, labels = random_images(16), torch.arange(16) % 10
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    out, targets = aug.Augmenter(AugmentConfig(crop_padding=0, flip=False), mean, std)(
+        images, labels, torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(out, aug.normalize(images, mean, std))
+    assert targets is labels
+
+
+def _window_offsets(out: torch.Tensor, padded: torch.Tensor, pad: int) -> list[tuple[int, int]]:
+    """(dy, dx) of the windows of ``padded`` (C, H+2p, W+2p) equal to ``out`` (C, H, W)."""
+    return [
+        (dy, dx)
+        for dy in range(2 * pad + 1)
+        for dx in range(2 * pad + 1)
+        if torch.equal(padded[:, dy : dy + 32, dx : dx + 32], out)
+    ]
+
+
+def test_crop_is_a_window_of_the_zero_padded_image() -> None:
+    images = random_images(32, low=1)  # no black pixel of its own
+    out, _ = augment(AugmentConfig(crop_padding=4, flip=False), images, seed=11)
+    padded = F.pad(images.float(), (4, 4, 4, 4))
+    offsets = [_window_offsets(out[i], padded[i], 4) for i in range(32)]
+    assert all(len(o) == 1 for o in offsets)
+    assert len({o[0] for o in offsets}) > 10  # per-image offsets, not one for the batch
+    assert (out == 0).any()  # the zero padding shows
+    # the same offsets by hand: the first draw of the generator is randint(0, 9, (2, B, 1))
+    expected = torch.randint(0, 9, (2, 32, 1), generator=torch.Generator().manual_seed(11))
+    assert [o[0] for o in offsets] == list(zip(expected[0, :, 0].tolist(), expected[1, :, 0].tolist()))
+
+
+def test_crop_and_flip_together() -> None:
+    images = random_images(32, low=1)
+    out, _ = augment(AugmentConfig(crop_padding=2), images, seed=4)
+    padded = F.pad(images.float(), (2, 2, 2, 2))
+    plain = [bool(_window_offsets(out[i], padded[i], 2)) for i in range(32)]
+    mirrored = [bool(_window_offsets(out[i], padded[i].flip(-1), 2)) for i in range(32)]
+    assert all(p != m for p, m in zip(plain, mirrored))  # each image is exactly one of the two
+    assert 5 < sum(mirrored) < 27
+
+
+def test_flip_flips_about_half() -> None:
+    images = random_images(64)
+    out, _ = augment(AugmentConfig(crop_padding=0, flip=True), images, seed=2)
+    same = [torch.equal(out[i], images[i].float()) for i in range(64)]
+    flipped = [torch.equal(out[i], images[i].flip(-1).float()) for i in range(64)]
+    assert all(s != f for s, f in zip(same, flipped))
+    assert 20 < sum(flipped) < 44
+
+
+def test_reflect_padding_never_shows_zero_fill() -> None:
+    images = random_images(64, low=1)
+    zero_out, _ = augment(AugmentConfig(crop_padding=4, crop_mode="zero"), images, seed=3)
+    reflect_cfg = AugmentConfig(crop_padding=4, crop_mode="reflect", flip=False)
+    reflect_out, _ = augment(reflect_cfg, images, seed=3)
+    assert (zero_out == 0).any() and not (reflect_out == 0).any()
+    padded = F.pad(images.float(), (4, 4, 4, 4), mode="reflect")  # edge not repeated
+    assert all(len(_window_offsets(reflect_out[i], padded[i], 4)) == 1 for i in range(64))
+    # with flips too, still no zero anywhere
+    flipped_out, _ = augment(AugmentConfig(crop_padding=4, crop_mode="reflect"), images, seed=3)
+    assert not (flipped_out == 0).any()
+
+
+def test_cutout_zeroes_a_clipped_square_per_image() -> None:
+    images = random_images(64, low=1)  # identity normalisation: no pixel is 0 before cutout
+    out, _ = augment(AugmentConfig(crop_padding=0, flip=False, cutout_size=8), images, seed=5)
+    zero = out == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # the same hole in every channel
+    full = clipped = 0
+    for i in range(64):
+        rows = zero[i, 0].any(1).nonzero().flatten()
+        cols = zero[i, 0].any(0).nonzero().flatten()
+        height, width = len(rows), len(cols)
+        assert 1 <= height <= 8 and 1 <= width <= 8
+        assert int(zero[i, 0].sum()) == height * width  # a rectangle
+        inside = rows.min() > 0 and rows.max() < 31 and cols.min() > 0 and cols.max() < 31
+        if inside:
+            assert height == width == 8 and int(zero[i].sum()) == 3 * 64
+            full += 1
+        clipped += height * width < 64
+    assert full > 32 and clipped > 4  # centres anywhere: most holes inside, some clipped at a border
+    torch.testing.assert_close(out[~zero], images.float()[~zero], atol=0, rtol=0)
+
+
+def test_cutout_holes() -> None:
+    images = random_images(32, low=1)
+    out, _ = augment(AugmentConfig(crop_padding=0, flip=False, cutout_size=4, cutout_holes=3), images, 6)
+    per_image = (out[:, 0] == 0).sum((1, 2))
+    assert int(per_image.max()) <= 48 and int(per_image.max()) > 16
+
+
+def constant_batch(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+
+
+def test_mixup_images_and_targets_use_one_lambda() -> None:
+    values = [10 * i + 5 for i in range(10)]
+    images, labels = constant_batch(values), torch.arange(10)
+    out, targets = augment(AugmentConfig(crop_padding=0, flip=False, mixup_alpha=1.0), images, 9, labels)
+    assert targets.shape == (10, 10) and targets.dtype == torch.float32
+    torch.testing.assert_close(targets.sum(1), torch.ones(10))
+    lams = []
+    for i in range(10):
+        own = float(targets[i, i])
+        partner = int(targets[i].masked_fill(torch.arange(10) == i, -1).argmax()) if own < 1 else i
+        expected = own * values[i] + (1 - own) * values[partner]
+        torch.testing.assert_close(out[i], torch.full((3, 32, 32), expected), atol=1e-4, rtol=0)
+        if own < 1:
+            lams.append(own)
+    assert lams and max(lams) - min(lams) < 1e-6 and 0 < lams[0] < 1  # one lambda per batch
+
+
+def test_cutmix_lambda_is_the_pasted_area() -> None:
+    values = [10 * i + 5 for i in range(10)]
+    images, labels = constant_batch(values), torch.arange(10)
+    cfg = AugmentConfig(crop_padding=0, flip=False, cutmix_alpha=1.0)
+    boxes = set()
+    for seed in range(6):
+        out, targets = augment(cfg, images, seed, labels)
+        torch.testing.assert_close(targets.sum(1), torch.ones(10))
+        pasted = out[:, 0] != torch.tensor(values, dtype=torch.float32).view(10, 1, 1)  # (B, H, W)
+        box = pasted.any(0)
+        for i in range(10):
+            own_fraction = 1 - int(pasted[i].sum()) / 1024
+            assert float(targets[i, i]) == pytest.approx(own_fraction, abs=1e-6)
+            if own_fraction < 1:  # partner differs from i: the pasted area is visible
+                assert torch.equal(pasted[i], box)  # one box for the whole batch
+                assert float(targets[i].sum() - targets[i, i]) == pytest.approx(1 - own_fraction, abs=1e-6)
+        boxes.add(int(box.sum()))
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        assert int(box.sum()) == len(rows) * len(cols)  # a rectangle
+    assert len(boxes) > 2  # the area varies with lambda
+
+
+def test_mix_prob_zero_leaves_images_but_gives_probabilities() -> None:
+    images, labels = random_images(8), torch.arange(8)
+    out, targets = augment(
+        AugmentConfig(crop_padding=0, flip=False, mixup_alpha=0.4, mix_prob=0.0), images, 0
+    )
+    assert torch.equal(out, images.float())
+    assert torch.equal(targets, F.one_hot(labels, 10).float())
+
+
+def test_both_mixes_are_chosen() -> None:
+    values = [10 * i + 5 for i in range(10)]
+    images, labels = constant_batch(values), torch.arange(10)
+    cfg = AugmentConfig(crop_padding=0, flip=False, mixup_alpha=1.0, cutmix_alpha=1.0)
+    kinds = set()
+    for seed in range(12):
+        out, _ = augment(cfg, images, seed, labels)
+        uniform = bool((out == out[:, :, :1, :1]).all())  # mixup keeps constant images constant
+        kinds.add("mixup" if uniform else "cutmix")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_rotation_fills_corners_with_black() -> None:
+    images = torch.full((4, 3, 32, 32), 200, dtype=torch.uint8)
+    out, _ = augment(AugmentConfig(crop_padding=0, flip=False, rotation=45), images, seed=1)
+    torch.testing.assert_close(out[:, :, 12:20, 12:20], torch.full((4, 3, 8, 8), 200.0))  # centre kept
+    assert bool((out[:, :, 0, 0] < 100).all())  # corners rotated in from outside: zero fill
+    angles = (torch.rand(4, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 45
+    assert bool((angles.abs() > 5).all())  # (a turn of 1 degree would leave the corners > 100)
+    assert not torch.equal(out[0], out[1])
+
+
+def test_rotation_matches_affine_grid() -> None:
+    images = random_images(16)
+    out, _ = augment(AugmentConfig(crop_padding=0, flip=False, rotation=30), images, seed=8)
+    angle = (torch.rand(16, generator=torch.Generator().manual_seed(8)) * 2 - 1) * math.radians(30)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(16)
+    theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(16, 2, 3)
+    grid = F.affine_grid(theta, [16, 3, 32, 32], align_corners=False)
+    expected = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=0)
+    assert float((out - images.float()).abs().mean()) > 10  # it did turn
+
+
+def test_label_smoothing_loss_accepts_both_kinds_of_targets() -> None:
+    images, labels = random_images(8), torch.arange(8)
+    logits = torch.zeros(8, 10)
+    for cfg in (AugmentConfig(), AugmentConfig(mixup_alpha=0.2)):
+        _, targets = aug.Augmenter(cfg, *IDENTITY)(images, labels, torch.Generator().manual_seed(0))
+        loss = F.cross_entropy(logits, targets, label_smoothing=0.1)
+        assert loss.item() == pytest.approx(math.log(10), abs=1e-5)
+
+
+def test_same_seed_same_batch_everything_on() -> None:
+    cfg = AugmentConfig(crop_mode="reflect", rotation=10, cutout_size=8, cutout_holes=2, mixup_alpha=0.2,
+                        cutmix_alpha=1.0, mix_prob=0.7)  # fmt: skip
+    augmenter = aug.Augmenter(cfg, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2))
+    images, labels = random_images(64), torch.arange(64) % 10
+    first = augmenter(images, labels, data.step_generator(0, 1, 2, "cpu"))
+    second = augmenter(images, labels, data.step_generator(0, 1, 2, "cpu"))
+    other = augmenter(images, labels, data.step_generator(0, 1, 3, "cpu"))
+    assert first[0].dtype == torch.float32 and first[0].shape == (64, 3, 32, 32)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])
+    assert torch.equal(images, random_images(64))  # the input batch is not modified
