@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cerberus import safe_pickle
 from cerberus.config import DataConfig
 from cerberus.errors import ConfigError, DataError
 
@@ -111,34 +111,10 @@ class Cifar10:
         return f"Cifar10(train={len(self.train_labels)}, test={len(self.test_labels)}, root={self.root})"
 
 
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles the dicts of numpy arrays CIFAR batches hold, and nothing else.
-
-    A pickle can run arbitrary code; mirrors and hand-copied files are not trusted that far.
-    """
-
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),  # written by numpy 1.x (the official files)
-            ("numpy._core.multiarray", "_reconstruct"),  # written by numpy 2.x
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 file never does")
-        return super().find_class(module, name)
-
-
 def _unpickle(path: Path, folder: Path) -> object:
     try:
         with open(path, "rb") as f:
-            return _BatchUnpickler(f, encoding="latin1").load()
+            return safe_pickle.load(f, encoding="latin1")
     except FileNotFoundError:
         raise DataError(
             f"{path} is missing: the CIFAR-10 folder is incomplete. Restore the file, or delete "
@@ -146,6 +122,11 @@ def _unpickle(path: Path, folder: Path) -> object:
         ) from None
     except OSError as err:
         raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    except safe_pickle.UnsafePickleError as err:
+        raise DataError(
+            f"{path}: not a CIFAR-10 file: it refers to {err.name}, which could run code, so it was "
+            f"not loaded. Delete {folder} to download it again."
+        ) from None
     except Exception as err:  # pickle raises many types on a truncated or corrupt stream
         reason = str(err) or type(err).__name__
         raise DataError(

@@ -25,32 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cerberus import safe_pickle
 from cerberus.errors import CerberusError, DataError
 from cerberus.files import atomic_write
 
 LAYOUTS = ("chw", "hwc")
 IMAGE_VALUES = 3 * 32 * 32
-
-# Everything a pickled dict of numpy arrays needs, and nothing that can run code.
-_SAFE_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # protocol 2 stores bytes as latin-1 text
-    ("collections", "OrderedDict"),
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
 def _entry(payload: dict, key: str) -> Any:
@@ -68,20 +48,19 @@ def _key_names(payload: dict) -> str:
 def _read_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as file:
-            return _NumpyOnlyUnpickler(file, encoding="bytes").load()
+            return safe_pickle.load(file, encoding="bytes")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path} is a folder, not a pickle file") from None
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    except safe_pickle.UnsafePickleError as err:
+        raise DataError(
+            f"{path} holds Python objects other than numpy arrays ({err.name}); it was not loaded "
+            "because that could run arbitrary code"
+        ) from None
     except pickle.UnpicklingError as err:
-        if str(err).startswith("refusing to load"):
-            name = str(err).removeprefix("refusing to load ")
-            raise DataError(
-                f"{path} holds Python objects other than numpy arrays ({name}); it was not loaded "
-                "because that could run arbitrary code"
-            ) from None
         raise DataError(f"{path} is not a pickle file, or is corrupt ({err})") from None
     except EOFError:
         raise DataError(f"{path} is empty or truncated") from None
