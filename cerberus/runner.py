@@ -245,6 +245,31 @@ class Run:
         self.wall_start -= ckpt.get("elapsed_seconds", 0.0)  # elapsed time continues
         return ckpt["epoch"], ckpt["step"], state
 
+    def adopt_newer_best(self) -> None:
+        """After a restore: take best.pt's record of the best epoch when it is newer than last.pt's.
+
+        best.pt is written just before last.pt, so a kill between the two leaves best.pt one save
+        ahead. On the CPU the resumed run would reproduce it exactly; on a GPU (cuDNN autotuning)
+        it need not, and the summary must describe the weights best.pt actually holds.
+        """
+
+        def newer() -> tuple[float | None, int] | None:
+            path = self.out_dir / "best.pt"
+            if not (self.save_checkpoints and path.exists()):
+                return None
+            try:
+                best = load_checkpoint(path)
+            except CerberusError:  # damaged: the next improvement rewrites it
+                return None
+            epoch = best.get("best_epoch") if isinstance(best, dict) else None
+            if isinstance(epoch, int) and (self.best_epoch is None or epoch > self.best_epoch):
+                return best.get("best_val_accuracy"), epoch
+            return None
+
+        found = self.dist.from_main(newer)
+        if found is not None:
+            self.best_val, self.best_epoch = found
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def payload(self, epoch: int, step: int, state: EpochState) -> dict[str, Any]:
@@ -623,6 +648,7 @@ def train_run(
             if ckpt is not None:
                 start_epoch, start_step, state = run.restore(ckpt)
                 del ckpt
+                run.adopt_newer_best()
             run.train(start_epoch, start_step, state, stop)
             summary = run.finish(evaluate_test)
     except torch.OutOfMemoryError:

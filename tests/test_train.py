@@ -341,3 +341,29 @@ def test_the_trainer_draws_the_batches_the_data_module_defines(world_size, rank)
         for step in range(7):
             expected = batch_indices(n, batch, 5, epoch, step, rank, world_size)
             assert torch.equal(trainer.batch_indices(epoch, step), expected)
+
+
+def test_a_best_pt_written_just_before_a_crash_is_what_the_resumed_summary_describes(tmp_path, fake_cifar):
+    """best.pt is written just before last.pt; a kill between the two leaves it one save ahead.
+    If the resumed run then never beats the record last.pt carries (as a GPU replay may not),
+    the summary must still describe the weights best.pt holds, not last.pt's older best epoch."""
+    from cerberus.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config(tmp_path, "train.epochs=3")
+    run = tmp_path / "run"
+    kept = {}
+
+    def keep_epoch_1(event):
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            kept["last"] = load_checkpoint(run / "last.pt")
+
+    train_run(cfg, out_dir=run, data_dir=str(fake_cifar), on_event=keep_epoch_1, evaluate_test=False)
+    best = load_checkpoint(run / "best.pt")
+    # The crash: best.pt from a later save holds a record (epoch 3, 0.97) that the replay will not
+    # beat; last.pt is still epoch 1's, whose own record the replay would beat at once.
+    save_checkpoint(run / "best.pt", {**best, "best_epoch": 3, "best_val_accuracy": 0.97})
+    save_checkpoint(run / "last.pt", {**kept["last"], "best_val_accuracy": 0.96})
+    resumed = train_run(resume=run / "last.pt")
+    assert resumed.summary["best_epoch"] == 3
+    assert resumed.best_val_accuracy == 0.97
+    assert_bitwise_equal(weights(run / "best.pt"), best["model"])  # untouched
