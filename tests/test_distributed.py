@@ -153,14 +153,20 @@ def test_accuracy_is_in_line_with_the_single_process_run(two_process_run, config
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("--set", "train.save_every_epochs=3")],  # the second stops between save points
+    ids=["save-every-epoch", "save-every-3"],
+)
 def test_sigint_stops_every_rank_and_resume_under_torchrun_is_exact(
-    two_process_run, config_file, fake_cifar, tmp_path
+    two_process_run, config_file, fake_cifar, tmp_path, overrides
 ):
     full, _ = two_process_run
     out = tmp_path / "cut"
     # torchrun forwards the signal to its workers (each in its own session), as after Ctrl-C.
+    args = ("train", str(config_file), "--data-dir", str(fake_cifar), "--out", str(out), "-q", *overrides)
     proc = subprocess.Popen(
-        torchrun_command("train", str(config_file), "--data-dir", str(fake_cifar), "--out", str(out), "-q"),
+        torchrun_command(*args),
         env=worker_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
