@@ -95,3 +95,33 @@ def cerberus_command() -> list[str]:
     """The installed console script, as a user runs it (start-up costs included)."""
     script = Path(sys.executable).with_name("cerberus")
     return [str(script)] if script.exists() else [sys.executable, "-m", "cerberus"]
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that timings cover it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_steps_seconds(model, optimizer, x, y, placement, steps: int) -> float:
+    """Seconds for ``steps`` bare forward + backward + optimizer steps on one fixed batch.
+
+    The reference a training loop is compared with: no data, augmentation or bookkeeping, the same
+    model, precision (``placement.autocast``) and layout (``x``'s memory format).
+    """
+    import torch.nn.functional as F
+
+    model.train()
+    synchronize(x.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with placement.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    synchronize(x.device)
+    return time.perf_counter() - start

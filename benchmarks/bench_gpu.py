@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median
+from _common import bare_steps_seconds, median, synchronize
 
 
 def main() -> None:
@@ -41,7 +41,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import torch.nn.functional as F
 
     from cerberus.augment import Augmenter
     from cerberus.config import load_config
@@ -85,33 +84,18 @@ def main() -> None:
     x = torch.randn(t.batch_size, 3, 32, 32, device=device).contiguous(memory_format=mf)
     y = torch.randint(0, 10, (t.batch_size,), device=device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def bare(steps: int) -> float:
-        bare_model.train()
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            with placement.autocast():
-                logits = bare_model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            bare_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            bare_opt.step()
-        sync()
-        return time.perf_counter() - start
+        return bare_steps_seconds(bare_model, bare_opt, x, y, placement, steps)
 
     def loop(epoch: int) -> float:
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         trainer.run_epoch(epoch, EpochState())
-        sync()
+        synchronize(device)
         return time.perf_counter() - start
 
     def evaluate() -> float:
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         predict_logits(
             trainer.base_model,
@@ -121,7 +105,7 @@ def main() -> None:
             placement=placement,
             batch_size=t.eval_batch_size,
         )
-        sync()
+        synchronize(device)
         return time.perf_counter() - start
 
     steps = -(-n // t.batch_size)

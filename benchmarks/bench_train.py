@@ -39,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     BENCHMARKS,
+    bare_steps_seconds,
     cerberus_command,
     describe_machine,
     gemm_gflops,
     last_json,
     median,
+    synchronize,
     timed_command,
 )
 
@@ -163,7 +165,6 @@ def jobs(args) -> None:
 
 def loop(args) -> None:
     import torch
-    import torch.nn.functional as F
 
     from cerberus.arch import Architecture
     from cerberus.augment import Augmenter
@@ -203,22 +204,8 @@ def loop(args) -> None:
     x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=mf)
     y = torch.randint(0, 10, (BATCH,), device=device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def bare_steps() -> float:
-        bare_model.train()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            with placement.autocast():
-                logits = bare_model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            bare_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            bare_opt.step()
-        sync()
-        return time.perf_counter() - start
+        return bare_steps_seconds(bare_model, bare_opt, x, y, placement, args.steps)
 
     def loop_steps(epoch: int) -> float:
         start = time.perf_counter()
@@ -230,11 +217,11 @@ def loop(args) -> None:
     def augment_once(step: int) -> float:
         generator = step_generator(0, 0, step, device)
         idx = torch.arange(BATCH, device=device)
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         batch, _ = augmenter(images[idx], labels[idx], generator)
         batch.contiguous(memory_format=mf)
-        sync()
+        synchronize(device)
         return time.perf_counter() - start
 
     print(f"placement: {placement.describe()}; {args.steps} steps of {BATCH} per measurement", flush=True)

@@ -444,8 +444,12 @@ def _derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-@lru_cache(maxsize=2)  # the current epoch's order is reused by every step of the epoch
-def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+@lru_cache(maxsize=4)  # the current epoch's order is reused by every step of the epoch
+def _permutation(n: int, seed: int, epoch: int, device: torch.device | None = None) -> torch.Tensor:
+    if device is not None and device.type != "cpu":
+        # Copied once per epoch: copying each step's indices from host memory would make the host
+        # wait for the device at every step (a synchronising copy).
+        return _permutation(n, seed, epoch).to(device)
     generator = torch.Generator().manual_seed(_derive_seed("order", seed, epoch))
     return torch.randperm(n, generator=generator)
 
@@ -463,9 +467,17 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def batch_indices(
-    n: int, batch_size: int, seed: int, epoch: int, step: int, rank: int = 0, world_size: int = 1
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Indices (int64, CPU) of global batch ``step`` of ``epoch``, this rank's shard of it only.
+    """Indices (int64, on ``device``, default the CPU) of global batch ``step`` of ``epoch``, this
+    rank's shard of it only; the same values on every device.
 
     The global batch is split by ``torch.tensor_split`` into ``world_size`` nearly equal parts, so
     the shards of ranks ``0..world_size-1`` concatenate to the global batch. The last batch of an
@@ -476,7 +488,7 @@ def batch_indices(
         raise IndexError(f"step {step} is outside the epoch's {steps} steps")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    batch = _permutation(n, seed, epoch)[step * batch_size : (step + 1) * batch_size]
+    batch = _permutation(n, seed, epoch, device)[step * batch_size : (step + 1) * batch_size]
     return torch.tensor_split(batch, world_size)[rank].clone()
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from cerberus.augment import Augmenter
 from cerberus.config import TrainConfig
-from cerberus.data import epoch_permutation, step_generator, steps_per_epoch
+from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
 from cerberus.errors import DivergenceError
 
@@ -175,8 +175,6 @@ class Trainer:
     base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
     _sync_every: int = field(default=1)
-    # (epoch, that epoch's order on the device)
-    _order: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.base_model is None:
@@ -184,19 +182,9 @@ class Trainer:
         self._sync_every = 1 if self.placement.device.type == "cpu" else 20
 
     def batch_indices(self, epoch: int, step: int) -> torch.Tensor:
-        """This rank's indices of global batch ``step`` of ``epoch``, on the images' device.
-
-        The same values as :func:`cerberus.data.batch_indices`, sliced from the epoch's order,
-        which goes to the device once per epoch: copying each step's indices from host memory
-        would make the host wait for the device every step (a synchronising copy).
-        """
-        if not 0 <= step < self.steps_per_epoch:
-            raise IndexError(f"step {step} is outside the epoch's {self.steps_per_epoch} steps")
-        if self._order is None or self._order[0] != epoch:
-            order = epoch_permutation(len(self.labels), self.seed, epoch)
-            self._order = (epoch, order.to(self.images.device))
-        batch = self._order[1][step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
-        return torch.tensor_split(batch, self.world_size)[self.rank]
+        """This rank's indices of global batch ``step`` of ``epoch``, on the images' device."""
+        n, batch = len(self.labels), self.cfg.batch_size
+        return batch_indices(n, batch, self.seed, epoch, step, self.rank, self.world_size, self.images.device)
 
     @property
     def steps_per_epoch(self) -> int:
