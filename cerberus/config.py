@@ -200,6 +200,11 @@ class TrainConfig(Section):
     compile: bool = Field(default=False, description="torch.compile the model (opt-in).")
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = torch's default.")
     sync_bn: bool = Field(default=False, description="SyncBatchNorm under torch.distributed.")
+    test_tta: bool = Field(
+        default=False,
+        description="Evaluate the final test with test-time augmentation (4 views, as "
+        "`cerberus eval --tta`).",
+    )
     test_every_epoch: bool = Field(
         default=False,
         description="Also evaluate the test set each epoch (a curve only; never used to select).",

@@ -356,7 +356,9 @@ class Run:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, state: dict[str, torch.Tensor] | None, images, labels) -> dict[str, Any]:
+    def evaluate(
+        self, state: dict[str, torch.Tensor] | None, images, labels, tta: bool = False
+    ) -> dict[str, Any]:
         """Loss and accuracy of ``state`` (or of the live model when None) on a split."""
         model = self.model
         if state is not None:
@@ -369,6 +371,7 @@ class Run:
             std=self.config.data.std,
             placement=self.placement,
             batch_size=self.config.train.eval_batch_size,
+            tta=tta,
         )
         return classification_report(logits, labels, self.classes)
 
@@ -520,12 +523,15 @@ class Run:
 
     def evaluate_best_on_test(self) -> dict[str, Any]:
         """The test set, evaluated once with the weights best.pt holds (read back from disk, so
-        that `cerberus eval best.pt` reproduces the figure exactly)."""
+        that `cerberus eval best.pt` reproduces the figure exactly; with ``train.test_tta``,
+        `cerberus eval best.pt --tta`)."""
         if self.save_checkpoints:
             best = load_checkpoint(self.out_dir / "best.pt")["model"]
         else:
             best = self.best_state
-        report = self.evaluate(best, self.splits.test_images, self.splits.test_labels)
+        report = self.evaluate(
+            best, self.splits.test_images, self.splits.test_labels, tta=self.config.train.test_tta
+        )
         return {"accuracy": report["accuracy"], "loss": report["loss"]}
 
     def finish(self, evaluate_test: bool) -> dict[str, Any]:
@@ -538,6 +544,7 @@ class Run:
             "test_accuracy": None,
             "test_loss": None,
             "test_images": len(self.splits.test_labels),
+            "test_tta": self.config.train.test_tta,
         }
         if evaluate_test and len(self.splits.test_labels):
             test = self.dist.from_main(self.evaluate_best_on_test)

@@ -367,3 +367,18 @@ def test_a_best_pt_written_just_before_a_crash_is_what_the_resumed_summary_descr
     assert resumed.summary["best_epoch"] == 3
     assert resumed.best_val_accuracy == 0.97
     assert_bitwise_equal(weights(run / "best.pt"), best["model"])  # untouched
+
+
+def test_test_tta_reports_what_eval_tta_reproduces(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "train.epochs=1", "train.test_tta=true")
+    result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    assert summary["test_tta"] is True
+    best = str(result.out_dir / "best.pt")
+    with_tta = CliRunner().invoke(app, ["eval", best, "--data-dir", str(fake_cifar), "--tta", "--json"])
+    plain = CliRunner().invoke(app, ["eval", best, "--data-dir", str(fake_cifar), "--json"])
+    assert with_tta.exit_code == plain.exit_code == 0, with_tta.output + plain.output
+    assert json.loads(with_tta.stdout)["accuracy"] == summary["test_accuracy"]
+    # the 4-view average differs from the single view on these images: the setting took effect
+    assert json.loads(with_tta.stdout)["loss"] == pytest.approx(summary["test_loss"])
+    assert json.loads(plain.stdout)["loss"] != pytest.approx(summary["test_loss"])

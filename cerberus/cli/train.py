@@ -106,7 +106,8 @@ class TrainDisplay:
         if s.get("test_accuracy") is not None:
             out.print(
                 f"[bold]test accuracy {s['test_accuracy']:.4f}[/] (loss {s['test_loss']:.4f}, "
-                f"{s['test_images']:,} images, weights of epoch {s['best_epoch']})"
+                f"{s['test_images']:,} images{', TTA' if s.get('test_tta') else ''}, "
+                f"weights of epoch {s['best_epoch']})"
             )
         if s.get("best_val_accuracy") is not None:
             out.print(f"best val accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}")
