@@ -458,7 +458,9 @@ class Run:
                 best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
                 best.update(optimizer=None, metrics=list(self.metrics))
                 best["weights"] = "ema" if self.ema is not None else "model"
-                if not save_now or not self.save_checkpoints:  # training goes on: keep a copy
+                # Training goes on before these weights are written or evaluated: rank 0, the
+                # only one that does either, keeps a copy; the others keep the live references.
+                if self.dist.is_main and (not save_now or not self.save_checkpoints):
                     best["model"] = {k: v.detach().clone() for k, v in best["model"].items()}
                 if self.save_checkpoints:
                     self.pending_best = best
