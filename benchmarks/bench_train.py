@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py --data-dir /tmp/cifar10                 # both parts
     python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part jobs --reps 2
     python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part loop --steps 3 --reps 3
+    python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part loop --config configs/cpu-fast.toml \
+        --steps 15 --reps 3
     python benchmarks/bench_train.py --data-dir /tmp/cifar10 --device cuda   # on a GPU machine
 
 Part ``jobs``: the job "1 epoch of ResNet-24 (blocks 3 5 3, channels 64 128 256) in batches of
@@ -20,7 +22,9 @@ count on both sides), the two sides alternating (seed, ours, ours, seed, ...):
 Part ``loop``: in-loop images/s of ``Trainer.run_epoch`` on real images (batch order,
 augmentation, LR schedule, loss and accuracy bookkeeping, a host read per step) against a bare
 forward + backward + SGD step on one fixed synthetic batch, same model, precision and layout,
-epochs of ``--steps`` steps interleaved with bare runs of as many steps.
+epochs of ``--steps`` steps interleaved with bare runs of as many steps. By default the model is
+ResNet-24 with crop 4 + flip and plain SGD; ``--config`` measures a config's own design, batch
+size, augmentation, label smoothing, optimizer, weight EMA, precision and layout instead.
 
 Both parts also print the rate in GFLOP/s (training ~ 3 x 2 x MACs per image) against this
 machine's fp32 GEMM rate measured in the same run, the practical ceiling for a conv net here.
@@ -79,10 +83,11 @@ schedule = "constant"
 """
 
 
-def train_gflop_per_image() -> float:
+def train_gflop_per_image(arch=None) -> float:
     from cerberus.arch import Architecture, count_macs
 
-    return 3 * 2 * count_macs(Architecture(blocks=BLOCKS, channels=CHANNELS)) / 1e9
+    arch = arch if arch is not None else Architecture(blocks=BLOCKS, channels=CHANNELS)
+    return 3 * 2 * count_macs(arch) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,41 +173,54 @@ def loop(args) -> None:
 
     from cerberus.arch import Architecture
     from cerberus.augment import Augmenter
-    from cerberus.config import AugmentConfig, TrainConfig
+    from cerberus.config import AugmentConfig, TrainConfig, load_config
     from cerberus.data import load_cifar10, step_generator
     from cerberus.device import resolve_placement
-    from cerberus.engine import EpochState, LRSchedule, Trainer, build_optimizer
+    from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
     from cerberus.model import build_model
 
-    placement = resolve_placement(args.device)
+    if args.config:
+        exp = load_config(args.config)
+        arch, augment, batch = exp.model.architecture(), exp.augment, exp.train.batch_size
+        mean, std = exp.data.mean, exp.data.std
+        placement = resolve_placement(args.device, exp.train.precision, exp.train.channels_last)
+        # the config's optimizer and EMA; a constant LR (the schedule's shape costs nothing)
+        cfg = exp.train.model_copy(update={"epochs": 1000, "schedule": "constant", "warmup_epochs": 0})
+        ema_decay, smoothing = exp.train.ema_decay, exp.augment.label_smoothing
+    else:
+        arch, batch = Architecture(blocks=BLOCKS, channels=CHANNELS), BATCH
+        augment = AugmentConfig(crop_padding=4, flip=True)
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+        placement = resolve_placement(args.device)
+        cfg = TrainConfig(
+            epochs=1000, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant"
+        )
+        ema_decay, smoothing = 0.0, 0.0
     device, mf = placement.device, placement.memory_format
-    n = BATCH * args.steps
+    n = batch * args.steps
     data = load_cifar10(Path(args.data_dir), download=False, split="train")
     images, labels = data.train_images[:n].to(device), data.train_labels[:n].to(device)
     del data
-    cfg = TrainConfig(
-        epochs=1000, batch_size=BATCH, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant"
-    )
-    augment = AugmentConfig(crop_padding=4, flip=True)
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
     torch.manual_seed(0)
-    model = build_model(Architecture(blocks=BLOCKS, channels=CHANNELS)).to(device, memory_format=mf)
+    model = build_model(arch).to(device, memory_format=mf)
     bare_model = copy.deepcopy(model)
     trainer = Trainer(
         model=model,
         optimizer=build_optimizer(model, cfg),
         schedule=LRSchedule(cfg, args.steps),
-        augmenter=Augmenter(augment, mean, std),
+        augmenter=Augmenter(augment, mean, std, arch.num_classes),
         placement=placement,
         cfg=cfg,
         seed=0,
         images=images,
         labels=labels,
+        label_smoothing=smoothing,
+        ema=EMA(model, ema_decay) if ema_decay > 0 else None,
     )
-    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=mf)
-    y = torch.randint(0, 10, (BATCH,), device=device)
+    bare_opt = build_optimizer(bare_model, cfg)  # the loop's optimizer, without the loop
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=mf)
+    y = torch.randint(0, 10, (batch,), device=device)
 
     def bare_steps() -> float:
         return bare_steps_seconds(bare_model, bare_opt, x, y, placement, args.steps)
@@ -216,22 +234,23 @@ def loop(args) -> None:
 
     def augment_once(step: int) -> float:
         generator = step_generator(0, 0, step, device)
-        idx = torch.arange(BATCH, device=device)
+        idx = torch.arange(batch, device=device)
         synchronize(device)
         start = time.perf_counter()
-        batch, _ = augmenter(images[idx], labels[idx], generator)
-        batch.contiguous(memory_format=mf)
+        out, _ = augmenter(images[idx], labels[idx], generator)
+        out.contiguous(memory_format=mf)
         synchronize(device)
         return time.perf_counter() - start
 
-    print(f"placement: {placement.describe()}; {args.steps} steps of {BATCH} per measurement", flush=True)
+    design = f"{list(arch.blocks)} x {list(arch.widths)}"
+    print(f"{design}, {placement.describe()}; {args.steps} steps of {batch} per measurement", flush=True)
     bare_steps(), loop_steps(0)  # warm-up: oneDNN primitives, allocator
     times: dict[str, list[float]] = {"bare": [], "loop": []}
     for rep in range(args.reps):
         for side in ("bare", "loop") if rep % 2 == 0 else ("loop", "bare"):
             times[side].append(bare_steps() if side == "bare" else loop_steps(rep + 1))
         print(f"  rep {rep + 1}: bare {times['bare'][-1]:.2f} s, loop {times['loop'][-1]:.2f} s", flush=True)
-    gflop = train_gflop_per_image()
+    gflop = train_gflop_per_image(arch)
     bare_rate, loop_rate = n / median(times["bare"]), n / median(times["loop"])
     augment_ms = 1000 * median([augment_once(s) for s in range(20)])
     print(
@@ -239,8 +258,9 @@ def loop(args) -> None:
         f"-> in-loop / bare = {loop_rate / bare_rate:.1%}"
     )
     print(
-        f"augmentation (crop 4 + flip + normalise + layout) of one batch of {BATCH}: {augment_ms:.1f} ms "
-        f"= {augment_ms / 1000 / (BATCH / bare_rate):.2%} of a bare step"
+        f"augmentation ({augment.crop_padding}-pixel {augment.crop_mode} crop, flip, the rest of "
+        f"[augment], normalise, layout) of one batch of {batch}: {augment_ms:.1f} ms "
+        f"= {augment_ms / 1000 / (batch / bare_rate):.2%} of a bare step"
     )
 
 
@@ -253,6 +273,7 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=3, help="steps per loop/bare measurement")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda, for both sides")
+    parser.add_argument("--config", help="loop part: measure this config's design and settings")
     args = parser.parse_args()
     print(describe_machine())
     print(f"fp32 GEMM ceiling now: {gemm_gflops():.0f} GFLOP/s", flush=True)
