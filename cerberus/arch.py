@@ -15,6 +15,14 @@ Semantics (the seed project's ResNet family):
   that is the identity when s == 1 and widths match, else conv KxK (stride s, padding K//2) - BN;
 * head: average pool with kernel = stride = P, flatten, linear with bias.
 
+``downsample = "pool"`` is the variant that fast CIFAR trainers use (Page's ResNet-9, airbench):
+*every* stage, the first included, halves the feature map, and its first block does so by
+max-pooling (2x2, stride 2) after its first conv instead of striding it: conv FxF (stride 1, at the
+incoming resolution) - max-pool - BN - ReLU - conv FxF - BN, plus a shortcut that max-pools the
+input and projects it with conv KxK - BN only when the width changes. The first conv sees the
+full-resolution map (4x the MACs of a strided conv) while everything after it runs at half the
+side. Parameters are counted by the same formulas; only where projections sit and the MACs differ.
+
 MACs count the multiply-accumulates of convolutions and the linear layer for one image; BatchNorm,
 ReLU, the residual additions and pooling are left out, as is usual.
 """
@@ -29,6 +37,7 @@ INPUT_SIDE = 32  # CIFAR images are 32x32
 INPUT_CHANNELS = 3
 STEM_KERNEL = 3
 MAX_STAGES = 6  # 32 -> 16 -> 8 -> 4 -> 2 -> 1: a seventh stage would have nothing to halve
+DOWNSAMPLE_MODES = ("stride", "pool")
 
 
 def default_channels(num_stages: int, base: int = 64) -> tuple[int, ...]:
@@ -47,6 +56,7 @@ class Architecture:
     pool_size: int | None = None  # P: average-pool kernel and stride; default global pooling
     stem_channels: int | None = None  # stem conv width; default channels[0]
     num_classes: int = 10
+    downsample: str = "stride"  # "stride": stages 2.. stride their first conv; "pool": see above
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
@@ -63,11 +73,25 @@ class Architecture:
         return self.stem_channels if self.stem_channels is not None else self.widths[0]
 
     @property
+    def pools(self) -> bool:
+        """True when stages downsample by max-pooling (``downsample = "pool"``)."""
+        return self.downsample == "pool"
+
+    @property
+    def max_stages(self) -> int:
+        return MAX_STAGES - 1 if self.pools else MAX_STAGES
+
+    def stage_downsamples(self, stage: int) -> bool:
+        """Whether the first block of stage ``stage`` (0-based) halves the feature map."""
+        return self.pools or stage > 0
+
+    @property
     def final_side(self) -> int:
-        """Side of the last stage's feature map (each later stage halves, rounding up)."""
+        """Side of the last stage's feature map (each downsampling stage halves, rounding up)."""
         side = INPUT_SIDE
-        for _ in range(len(self.blocks) - 1):
-            side = (side + 1) // 2
+        for i in range(len(self.blocks)):
+            if self.stage_downsamples(i):
+                side = (side + 1) // 2
         return side
 
     @property
@@ -92,10 +116,12 @@ class Architecture:
         return data
 
     def label(self) -> str:
-        """A compact one-line name, e.g. ``B[3,5,3] C[64,128,256] F3 K1 P8``."""
+        """A compact one-line name, e.g. ``B[3,5,3] C[64,128,256] F3 K1 P8`` (`` maxpool`` added
+        for ``downsample = "pool"``)."""
         blocks = ",".join(map(str, self.blocks))
         widths = ",".join(map(str, self.widths))
-        return f"B[{blocks}] C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool}"
+        label = f"B[{blocks}] C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool}"
+        return label + " maxpool" if self.pools else label
 
 
 def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:
@@ -104,12 +130,15 @@ def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:
     n = len(arch.blocks)
     if n == 0:
         return [("blocks", "needs at least one stage")]
-    if n > MAX_STAGES:
+    if arch.downsample not in DOWNSAMPLE_MODES:
+        return [("downsample", f"must be 'stride' or 'pool', got {arch.downsample!r}")]
+    if n > arch.max_stages:
+        halving = "every stage" if arch.pools else "each stage after the first"
         problems.append(
             (
                 "blocks",
-                f"{n} stages do not fit a {INPUT_SIDE}-pixel input: each stage after the first "
-                f"halves the feature map, so at most {MAX_STAGES} stages",
+                f"{n} stages do not fit a {INPUT_SIDE}-pixel input: {halving} "
+                f"halves the feature map, so at most {arch.max_stages} stages",
             )
         )
     if any(b < 1 for b in arch.blocks):
@@ -162,31 +191,37 @@ def _conv_bn_params(cin: int, cout: int, kernel: int) -> int:
     return kernel * kernel * cin * cout + 2 * cout  # conv without bias + BN weight and bias
 
 
-def _block_params(cin: int, cout: int, stride: int, f: int, k: int) -> int:
+def needs_projection(arch: Architecture, cin: int, cout: int, halves: bool) -> bool:
+    """Whether a block's shortcut is a KxK conv + BN rather than the identity (or a bare pool)."""
+    return cin != cout or (halves and not arch.pools)
+
+
+def _block_params(arch: Architecture, cin: int, cout: int, halves: bool) -> int:
+    f = arch.conv_kernel
     params = _conv_bn_params(cin, cout, f) + _conv_bn_params(cout, cout, f)
-    if stride != 1 or cin != cout:
-        params += _conv_bn_params(cin, cout, k)
+    if needs_projection(arch, cin, cout, halves):
+        params += _conv_bn_params(cin, cout, arch.skip_kernel)
     return params
 
 
 def _stages(arch: Architecture):
-    """Yield ``(stage_index, [(cin, cout, stride, out_side), ...])`` for every stage."""
+    """Yield ``(stage_index, [(cin, cout, halves, out_side), ...])`` for every stage."""
     cin, side = arch.stem_width, INPUT_SIDE
     for i, (num_blocks, width) in enumerate(zip(arch.blocks, arch.widths)):
         blocks = []
         for j in range(num_blocks):
-            stride = 2 if (i > 0 and j == 0) else 1
-            side = (side + 1) // 2 if stride == 2 else side
-            blocks.append((cin, width, stride, side))
+            halves = j == 0 and arch.stage_downsamples(i)
+            side = (side + 1) // 2 if halves else side
+            blocks.append((cin, width, halves, side))
             cin = width
         yield i, blocks
 
 
 def stage_params(arch: Architecture) -> list[int]:
     """Parameters of each stage (its blocks, shortcuts included)."""
-    f, k = arch.conv_kernel, arch.skip_kernel
     return [
-        sum(_block_params(cin, cout, s, f, k) for cin, cout, s, _ in blocks) for _, blocks in _stages(arch)
+        sum(_block_params(arch, cin, cout, halves) for cin, cout, halves, _ in blocks)
+        for _, blocks in _stages(arch)
     ]
 
 
@@ -209,10 +244,12 @@ def stage_macs(arch: Architecture) -> list[int]:
     totals = []
     for _, blocks in _stages(arch):
         macs = 0
-        for cin, cout, stride, side in blocks:
+        for cin, cout, halves, side in blocks:
             pixels = side * side
-            macs += pixels * f2 * cout * (cin + cout)  # both convs of the block
-            if stride != 1 or cin != cout:
+            # a pooling block's first conv runs before the pool, at twice the output side
+            first_pixels = 4 * pixels if (halves and arch.pools) else pixels
+            macs += f2 * cout * (first_pixels * cin + pixels * cout)  # both convs of the block
+            if needs_projection(arch, cin, cout, halves):
                 macs += pixels * k2 * cin * cout
         totals.append(macs)
     return totals

@@ -53,6 +53,13 @@ class ModelConfig(Section):
         default=None, description="Output channels of the stem conv. Default: channels[0]."
     )
     num_classes: int = Field(default=10, gt=0, description="Number of output classes.")
+    downsample: Literal["stride", "pool"] = Field(
+        default="stride",
+        description=(
+            "How stages halve the map: 'stride' (the seed's: stages after the first stride their "
+            "first conv) or 'pool' (every stage max-pools after its first conv)."
+        ),
+    )
     max_params: int = Field(
         default=5_000_000, gt=0, description="Parameter budget: larger models are refused."
     )
@@ -66,6 +73,7 @@ class ModelConfig(Section):
             pool_size=self.pool_size,
             stem_channels=self.stem_channels,
             num_classes=self.num_classes,
+            downsample=self.downsample,
         )
 
     @model_validator(mode="after")

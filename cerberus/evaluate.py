@@ -101,7 +101,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     pairs = [(folded, "conv1", "bn1")]  # (owner, conv, the BatchNorm that follows it)
     for block in folded.modules():
         if isinstance(block, BasicBlock):
-            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
+            if not block.pool:  # a max-pool between conv1 and bn1 does not commute with it
+                pairs.append((block, "conv1", "bn1"))
+            pairs.append((block, "conv2", "bn2"))
             if len(block.shortcut):
                 pairs.append((block.shortcut, "0", "1"))
     for owner, conv_name, bn_name in pairs:

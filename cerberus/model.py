@@ -21,10 +21,17 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a shortcut; ReLU after the sum (He et al., 2016)."""
+    """conv-BN-ReLU-conv-BN plus a shortcut; ReLU after the sum (He et al., 2016).
 
-    def __init__(self, cin: int, cout: int, stride: int, conv_kernel: int, skip_kernel: int):
+    With ``pool=True`` the block halves the map by a 2x2 max-pool after ``conv1`` (before ``bn1``)
+    and on the shortcut's input, instead of a stride: the parameter names stay the same.
+    """
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, conv_kernel: int, skip_kernel: int, pool: bool = False
+    ):
         super().__init__()
+        self.pool = pool
         self.conv1 = conv(cin, cout, conv_kernel, stride)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = conv(cout, cout, conv_kernel)
@@ -34,7 +41,11 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(conv(cin, cout, skip_kernel, stride), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, cin, H, W) -> (B, cout, H/s, W/s)
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.conv1(x)
+        if self.pool:
+            out = F.max_pool2d(out, 2)
+            x = F.max_pool2d(x, 2)
+        out = F.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
@@ -54,8 +65,10 @@ class ResNet(nn.Module):
         for i, (num_blocks, width) in enumerate(zip(arch.blocks, arch.widths)):
             blocks = []
             for j in range(num_blocks):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(cin, width, stride, arch.conv_kernel, arch.skip_kernel))
+                halves = j == 0 and arch.stage_downsamples(i)
+                pool = halves and arch.pools
+                stride = 2 if (halves and not pool) else 1
+                blocks.append(BasicBlock(cin, width, stride, arch.conv_kernel, arch.skip_kernel, pool=pool))
                 cin = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.pool = nn.AvgPool2d(arch.pool)

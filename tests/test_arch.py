@@ -21,7 +21,7 @@ from cerberus.arch import (
     summarize,
 )
 from cerberus.errors import BudgetError, ConfigError
-from cerberus.model import build_model, resnet24
+from cerberus.model import BasicBlock, build_model, resnet24
 
 RESNET24 = Architecture(blocks=(3, 5, 3), channels=(64, 128, 256))
 RESNET18 = Architecture(blocks=(2, 2, 2, 2), channels=(64, 128, 256, 512))
@@ -37,8 +37,10 @@ def final_side(num_stages: int) -> int:
 def random_design(rng: random.Random) -> Architecture:
     """A small, sound design drawn from the whole design space (kept small so building is fast)."""
     num_stages = rng.randint(1, 5)
-    side = final_side(num_stages)
+    downsample = rng.choice(("stride", "pool"))
+    side = final_side(num_stages) if downsample == "stride" else 32 >> num_stages
     return Architecture(
+        downsample=downsample,
         blocks=tuple(rng.randint(1, 4) for _ in range(num_stages)),
         channels=tuple(rng.randint(4, 48) for _ in range(num_stages)),
         conv_kernel=rng.choice((1, 3, 5)),
@@ -156,6 +158,37 @@ def test_forward_shape(arch: Architecture) -> None:
     assert out.shape == (2, arch.num_classes)
 
 
+POOLED = Architecture(blocks=(1, 1, 1), channels=(32, 128, 128), stem_channels=24, downsample="pool")
+
+
+def test_pool_downsampling_reference_counts() -> None:
+    # stem 3*24*9 + 48 = 696; layer1 24->32: convs 6,912 + 9,216, BNs 128, projection 768 + 64;
+    # layer2 32->128: 36,864 + 147,456 + 512 + 4,096 + 256; layer3 128->128 (identity shortcut):
+    # 2 * 147,456 + 512; head 128 * 10 + 10
+    assert count_params(POOLED) == 503_682 == built_params(POOLED)
+    # conv1 of each stage at the incoming side: 32^2*9*24*32 + 16^2*9*32*128 + 8^2*9*128*128
+    assert count_macs(POOLED) == 41_231_616 == measured_macs(POOLED)
+    assert POOLED.final_side == 4 and POOLED.pool == 4
+    assert [s["side"] for s in summarize(POOLED, 5_000_000)["stages"]] == [16, 8, 4]
+    assert POOLED.label() == "B[1,1,1] C[32,128,128] F3 K1 P4 maxpool"
+
+
+def test_pool_downsampling_blocks_pool_instead_of_striding() -> None:
+    model = build_model(POOLED)
+    first = model.layer1[0]
+    assert first.pool and first.conv1.stride == (1, 1) and len(first.shortcut) == 2
+    assert model.layer3[0].pool and len(model.layer3[0].shortcut) == 0  # same width: max-pool only
+    stride_model = build_model(Architecture(blocks=(1, 1, 1), channels=(32, 128, 128)))
+    assert not any(b.pool for b in stride_model.modules() if isinstance(b, BasicBlock))
+    assert stride_model.layer2[0].conv1.stride == (2, 2)
+
+
+def test_pool_downsampling_allows_five_stages() -> None:
+    five = Architecture(blocks=(1,) * 5, channels=(8, 8, 8, 8, 8), downsample="pool")
+    assert architecture_problems(five) == [] and five.final_side == 1
+    assert count_macs(five) == measured_macs(five)
+
+
 def test_non_global_pool_widens_the_linear_layer() -> None:
     # blocks [3,5,3] end on an 8x8 map: pool 4 leaves 2x2 per channel -> 256 * 4 inputs
     arch = Architecture(blocks=(3, 5, 3), channels=(64, 128, 256), pool_size=4)
@@ -242,6 +275,18 @@ def test_stem_width_differing_from_stage_one_gives_a_projection() -> None:
                 "7 stages do not fit a 32-pixel input: each stage after the first halves the "
                 "feature map, so at most 6 stages",
             ),
+        ),
+        (
+            Architecture(blocks=(1,) * 6, downsample="pool"),
+            (
+                "blocks",
+                "6 stages do not fit a 32-pixel input: every stage halves the feature map, so at "
+                "most 5 stages",
+            ),
+        ),
+        (
+            Architecture(downsample="avg"),
+            ("downsample", "must be 'stride' or 'pool', got 'avg'"),
         ),
         (Architecture(blocks=(3, 0, 3)), ("blocks", "every stage needs at least 1 block, got [3, 0, 3]")),
         (Architecture(blocks=()), ("blocks", "needs at least one stage")),

@@ -157,6 +157,19 @@ def test_bad_config_file(runner: CliRunner, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+def test_pool_downsampling_flag(runner: CliRunner) -> None:
+    flags = ("--blocks", "1", "1", "1", "--channels", "32", "128", "128", "--stem-channels", "24")
+    result = invoke(runner, *flags, "--downsample", "pool", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params"] == 503_682 and data["macs"] == 41_231_616
+    assert data["architecture"]["downsample"] == "pool"
+    assert [stage["side"] for stage in data["stages"]] == [16, 8, 4]
+    strided = json.loads(invoke(runner, *flags, "--json").stdout)
+    assert strided["architecture"]["downsample"] == "stride"
+    assert [stage["side"] for stage in strided["stages"]] == [32, 16, 8]
+
+
 # Bad flags: exit 2, the flag named, no traceback
 
 
@@ -171,6 +184,11 @@ def test_bad_config_file(runner: CliRunner, tmp_path: Path) -> None:
         (["--pool-size", "3"], "Error: --pool-size: 3 must divide the final 8x8 feature map"),
         (["--stem-channels", "0"], "Error: --stem-channels: must be positive, got 0"),
         (["--num-classes", "0"], "Error: --num-classes: must be positive, got 0"),
+        (["--downsample", "avg"], "Error: --downsample: must be 'stride' or 'pool', got 'avg'"),
+        (
+            ["--blocks", "1", "1", "1", "1", "1", "1", "--downsample", "pool"],
+            "Error: --blocks: 6 stages do not fit a 32-pixel input: every stage halves",
+        ),
     ],
 )
 def test_bad_design_flags(runner: CliRunner, flags: list[str], message: str) -> None:

@@ -259,6 +259,11 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"train": {"epochs": 3, "warmup_epochs": 3}}, "warmup_epochs (3.0) must be less than epochs (3)"),
         ({"train": {"milestones": [20, 10]}}, "milestones must be positive and increasing, got [20, 10]"),
         ({"model": {"conv_kernel": 4}}, "model: conv_kernel: must be a positive odd number, got 4"),
+        ({"model": {"downsample": "avg"}}, "model.downsample: Input should be 'stride' or 'pool'"),
+        (
+            {"model": {"blocks": [1] * 6, "downsample": "pool"}},
+            "model: blocks: 6 stages do not fit a 32-pixel input: every stage halves",
+        ),
     ],
 )
 def test_invalid_data_is_refused(data: dict, expected: str) -> None:

@@ -120,6 +120,23 @@ def test_predict_logits_matches_the_model_and_reports_progress():
     torch.testing.assert_close(logits, by_hand(model.eval(), images), rtol=1e-5, atol=1e-5)
 
 
+def test_batchnorm_folding_keeps_a_pooling_model_exact():
+    # A max-pool sits between conv1 and bn1 in pooling blocks; a negative BatchNorm scale does not
+    # commute with it, so those BatchNorms must stay unfolded for the logits to stay the same.
+    torch.manual_seed(0)
+    arch = Architecture(blocks=(1, 1), channels=(8, 16), downsample="pool")
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(-1.0, 1.0)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    logits = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU)
+    torch.testing.assert_close(logits, by_hand(model, images), rtol=1e-5, atol=1e-5)
+
+
 def test_reduced_precision_and_channels_last_give_float32_logits():
     model = tiny_model(2)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)

@@ -382,3 +382,17 @@ def test_test_tta_reports_what_eval_tta_reproduces(tmp_path, fake_cifar):
     # the 4-view average differs from the single view on these images: the setting took effect
     assert json.loads(with_tta.stdout)["loss"] == pytest.approx(summary["test_loss"])
     assert json.loads(plain.stdout)["loss"] != pytest.approx(summary["test_loss"])
+
+
+def test_a_pooling_design_trains_and_its_checkpoint_evaluates_to_the_summary(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "train.epochs=1", 'model.downsample="pool"')
+    assert cfg.model.architecture().pools
+    result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    best = str(result.out_dir / "best.pt")
+    out = CliRunner().invoke(app, ["eval", best, "--data-dir", str(fake_cifar), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["architecture"]["downsample"] == "pool"
+    assert report["accuracy"] == summary["test_accuracy"]
+    assert report["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)

@@ -17,6 +17,7 @@ _FLAG_NAMES = {
     "pool_size": "--pool-size",
     "stem_channels": "--stem-channels",
     "num_classes": "--num-classes",
+    "downsample": "--downsample",
 }
 
 
@@ -37,6 +38,10 @@ def count_params_command(
         int | None, typer.Option(help="Stem width (default: the first stage's width).")
     ] = None,
     num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
+    downsample: Annotated[
+        str,
+        typer.Option(help="How stages halve the map: 'stride' (seed) or 'pool' (max-pool in every stage)."),
+    ] = "stride",
     max_params: Annotated[
         int | None, typer.Option(help="Parameter budget (default: 5,000,000 or the config's).")
     ] = None,
@@ -52,6 +57,7 @@ def count_params_command(
     \b
       cerberus count-params --blocks 3 5 3
       cerberus count-params --blocks 2 2 2 2 --channels 64 128 256 512 --json
+      cerberus count-params --blocks 1 1 1 --channels 32 128 128 --downsample pool
       cerberus count-params configs/resnet24.toml --summary
     """
     from cerberus.arch import Architecture, architecture_problems, summarize
@@ -60,7 +66,8 @@ def count_params_command(
         conv_kernel,
         skip_kernel,
         num_classes,
-    ) != (3, 1, 10)
+        downsample,
+    ) != (3, 1, 10, "stride")
     if config is not None:
         if flags_given:
             raise fail("give either a config file or design flags (--blocks ...), not both", 2)
@@ -77,6 +84,7 @@ def count_params_command(
             pool_size=pool_size,
             stem_channels=stem_channels,
             num_classes=num_classes,
+            downsample=downsample,
         )
         problems = architecture_problems(arch)
         if problems:
