@@ -44,6 +44,7 @@ SMALL_SPACE = {
     "skip_kernel": [1, 3],
     "pool_size": [0, 2, 16],
     "stem_channels": [0, 5],
+    "downsample": ["stride", "pool"],
     "max_params": 9_000,
     "min_params": 1_000,
 }
@@ -54,18 +55,21 @@ def brute_force(space: SearchSpace) -> list[tuple[Architecture, int, int]]:
     designs = {}
     for n in space.stage_counts():
         ranges = [range(lo, hi + 1) for lo, hi in space.block_ranges(n)]
-        for widths, f, k, pool, stem, blocks in itertools.product(
+        for widths, f, k, pool, stem, mode, blocks in itertools.product(
             space.widths(n),
             space.conv_kernel,
             space.skip_kernel,
             space.pool_size,
             space.stem_channels,
+            space.downsample,
             itertools.product(*ranges),
         ):
-            side = Architecture(blocks=(1,) * n).final_side
+            if n > (5 if mode == "pool" else 6):
+                continue
+            side = Architecture(blocks=(1,) * n, downsample=mode).final_side
             if pool and side % pool:
                 continue
-            arch = Architecture(blocks, widths, f, k, pool or side, stem or widths[0])
+            arch = Architecture(blocks, widths, f, k, pool or side, stem or widths[0], downsample=mode)
             designs[arch] = (arch, count_params(arch), count_macs(arch))
     return list(designs.values())
 
@@ -90,6 +94,8 @@ def test_default_space_covers_the_seed_exploration() -> None:
         ({"blocks": [0, 2]}, "1 <= min <= max"),
         ({"blocks": [[1, 2], [1, 2]], "stages": [3]}, "2 ranges given but designs have up to 3 stages"),
         ({"stages": [7]}, "each count must be 1-6"),
+        ({"stages": [6], "downsample": ["pool"]}, "stages: [6] do not fit downsample ['pool']"),
+        ({"downsample": ["avg"]}, "downsample.0: Input should be 'stride' or 'pool'"),
         ({"conv_kernel": [2]}, "positive odd numbers"),
         ({"pool_size": [3]}, "[3] divide(s) no final feature map side"),
         ({"channels": [[8, 16]], "base_width": [8]}, "not both"),
@@ -126,13 +132,15 @@ def test_linear_costs_equal_arch_counts_on_random_designs() -> None:
     rng = random.Random(0)
     for _ in range(300):
         n = rng.randint(1, 6)
-        side = Architecture(blocks=(1,) * n).final_side
+        mode = "stride" if n == 6 else rng.choice(("stride", "pool"))
+        side = Architecture(blocks=(1,) * n, downsample=mode).final_side
         fam = search._family(
             tuple(rng.randint(1, 200) for _ in range(n)),
             rng.choice((1, 3, 5, 7)),
             rng.choice((1, 3)),
             rng.choice([d for d in range(1, side + 1) if side % d == 0]),
             rng.randint(1, 100),
+            mode,
         )
         blocks = [rng.randint(1, 20) for _ in range(n)]
         arch = fam.architecture(blocks)
@@ -159,6 +167,15 @@ def test_enumeration_equals_brute_force(monkeypatch, chunk, sort) -> None:
         assert count_macs(c.architecture) == c.macs
     listed = {c.architecture for c in enumerate_designs(space, top=10_000, sort=sort).candidates}
     assert listed == {d[0] for d in fits}  # all of them, nothing over the budget
+
+
+def test_pooling_designs_keep_to_five_stages() -> None:
+    space = space_from_dict({"stages": [5, 6], "blocks": [1, 2], "base_width": [4], "growth": [1.0]})
+    both = space.with_budget().model_copy(update={"downsample": ["stride", "pool"]})
+    assert both.modes(6) == ["stride"] and both.modes(5) == ["stride", "pool"]
+    assert count_designs(both) == count_designs(space) + 2**5
+    pooled = [c.architecture for c in enumerate_designs(both, top=10_000).candidates if c.architecture.pools]
+    assert len(pooled) == 2**5 and all(len(a.blocks) == 5 and a.final_side == 1 for a in pooled)
 
 
 def test_block_ranges_are_cut_to_the_budget_before_counting() -> None:
@@ -197,6 +214,7 @@ def test_default_space_within_five_million() -> None:
         "skip_kernel": 1,
         "pool_size": 4,
         "stem_channels": 16,
+        "downsample": "stride",
         "params": 4_999_898,
         "macs": 138_855_680,
     }
@@ -376,6 +394,29 @@ def test_pruning_stops_a_poor_trial_early(tmp_path, pruner, epochs) -> None:
     assert (poor.state, poor.epochs, poor.epochs_planned) == ("pruned", 1, epochs)
     assert "pruned after epoch 1" in poor.note
     assert [r.number for r in result.pareto] == [0]  # pruned trials are not on the front
+
+
+def test_trials_draw_both_ways_of_downsampling(tmp_path) -> None:
+    # 6 stages fit only striding designs; the pooling ones draw from 5 or fewer.
+    space = {
+        **TINY_SPACE,
+        "stages": [2, 6],
+        "base_width": [4],
+        "growth": [1.0],
+        "downsample": ["stride", "pool"],
+    }
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=12, space=space, pruner="none", top=12)
+    archs = [c.model.architecture() for c in trainer.configs]
+    assert {a.downsample for a in archs} == {"stride", "pool"}
+    assert all(len(a.blocks) == 2 for a in archs if a.pools)
+    for r in result.leaderboard:
+        arch = Architecture(
+            **{**r.design, "blocks": tuple(r.design["blocks"]), "channels": tuple(r.design["channels"])}
+        )
+        assert count_params(arch) == r.params and arch.label() == r.label
+    pooled = next(c for c in result.configs if "_maxpool" in c.name)
+    assert load_config(pooled).model.downsample == "pool"
 
 
 def test_designs_over_the_budget_never_train(tmp_path) -> None:

@@ -43,7 +43,7 @@ def candidates_table(enumeration):
         f"{enumeration.max_params:,}-parameter budget (by {enumeration.sort})",
         title_justify="left",
     )
-    for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "stem"):
+    for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "stem", "down"):
         table.add_column(name, justify="left" if name in ("blocks", "channels") else "right")
     for rank, c in enumerate(enumeration.candidates, start=1):
         a = c.architecture
@@ -57,6 +57,7 @@ def candidates_table(enumeration):
             str(a.skip_kernel),
             str(a.pool),
             str(a.stem_width),
+            a.downsample,
         )
     return table
 

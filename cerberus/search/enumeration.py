@@ -43,6 +43,7 @@ class _Family:
     skip_kernel: int
     pool_size: int
     stem_channels: int
+    downsample: str
     const_params: int
     coef_params: tuple[int, ...]
     const_macs: int
@@ -56,15 +57,18 @@ class _Family:
             skip_kernel=self.skip_kernel,
             pool_size=self.pool_size,
             stem_channels=self.stem_channels,
+            downsample=self.downsample,
         )
 
 
-def _family(widths: tuple[int, ...], f: int, k: int, pool: int, stem: int) -> _Family:
+def _family(
+    widths: tuple[int, ...], f: int, k: int, pool: int, stem: int, downsample: str = "stride"
+) -> _Family:
     """Linear cost coefficients from arch's own counts at blocks (1,..,1) and each e_i + 1."""
     n = len(widths)
 
     def costs(blocks: tuple[int, ...]) -> tuple[int, int]:
-        arch = Architecture(blocks, widths, f, k, pool, stem)
+        arch = Architecture(blocks, widths, f, k, pool, stem, downsample=downsample)
         return count_params(arch), count_macs(arch)
 
     ones_params, ones_macs = costs((1,) * n)
@@ -79,6 +83,7 @@ def _family(widths: tuple[int, ...], f: int, k: int, pool: int, stem: int) -> _F
         k,
         pool,
         stem,
+        downsample,
         ones_params - sum(coef_params),
         tuple(coef_params),
         ones_macs - sum(coef_macs),
@@ -86,17 +91,22 @@ def _family(widths: tuple[int, ...], f: int, k: int, pool: int, stem: int) -> _F
     )
 
 
-def _family_keys(space: SearchSpace) -> Iterator[tuple[tuple[int, ...], int, int, int, int]]:
-    """Every distinct (widths, F, K, pool, stem) combination, defaults resolved."""
+def _family_keys(space: SearchSpace) -> Iterator[tuple[tuple[int, ...], int, int, int, int, str]]:
+    """Every distinct (widths, F, K, pool, stem, downsample) combination, defaults resolved."""
     seen = set()
     for n in space.stage_counts():
-        for widths, f, k, pool, stem in itertools.product(
-            space.widths(n), space.conv_kernel, space.skip_kernel, space.pools(n), space.stem_channels
-        ):
-            key = (widths, f, k, pool, stem or widths[0])
-            if key not in seen:
-                seen.add(key)
-                yield key
+        for mode in space.modes(n):
+            for widths, f, k, pool, stem in itertools.product(
+                space.widths(n),
+                space.conv_kernel,
+                space.skip_kernel,
+                space.pools(n, mode),
+                space.stem_channels,
+            ):
+                key = (widths, f, k, pool, stem or widths[0], mode)
+                if key not in seen:
+                    seen.add(key)
+                    yield key
 
 
 def _families(space: SearchSpace) -> Iterator[_Family]:
@@ -139,7 +149,15 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         arch = self.architecture.to_dict()
-        keys = ("blocks", "channels", "conv_kernel", "skip_kernel", "pool_size", "stem_channels")
+        keys = (
+            "blocks",
+            "channels",
+            "conv_kernel",
+            "skip_kernel",
+            "pool_size",
+            "stem_channels",
+            "downsample",
+        )
         return {**{key: arch[key] for key in keys}, "params": self.params, "macs": self.macs}
 
 

@@ -35,7 +35,8 @@ def design_slug(arch: Architecture) -> str:
     """A file-name-safe name, e.g. ``b3-5-3_c64-128-256_f3k1p8s64``."""
     blocks = "-".join(map(str, arch.blocks))
     widths = "-".join(map(str, arch.widths))
-    return f"b{blocks}_c{widths}_f{arch.conv_kernel}k{arch.skip_kernel}p{arch.pool}s{arch.stem_width}"
+    slug = f"b{blocks}_c{widths}_f{arch.conv_kernel}k{arch.skip_kernel}p{arch.pool}s{arch.stem_width}"
+    return slug + "_maxpool" if arch.pools else slug
 
 
 def write_configs(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -15,9 +15,14 @@ from cerberus.errors import ConfigError
 MAX_BLOCKS = 256  # blocks per stage a space may ask for (a 256-block stage is already absurd)
 
 
-def final_side(num_stages: int) -> int:
+def final_side(num_stages: int, downsample: str = "stride") -> int:
     """Side of the last stage's feature map for a 32x32 input (see cerberus.arch)."""
-    return Architecture(blocks=(1,) * num_stages).final_side
+    return Architecture(blocks=(1,) * num_stages, downsample=downsample).final_side
+
+
+def stages_limit(downsample: str) -> int:
+    """The most stages a 32x32 input allows with this way of downsampling."""
+    return Architecture(downsample=downsample).max_stages
 
 
 class SearchSpace(BaseModel):
@@ -63,6 +68,12 @@ class SearchSpace(BaseModel):
     stem_channels: list[int] = Field(
         default=[0], min_length=1, description="Stem conv widths; 0 = the first stage's width."
     )
+    downsample: list[Literal["stride", "pool"]] = Field(
+        default=["stride"],
+        min_length=1,
+        description="How stages halve the map: 'stride' (the seed's) and/or 'pool' (max-pool in "
+        "every stage, at most 5 stages; larger stage counts are used with 'stride' only).",
+    )
     max_params: int = Field(default=5_000_000, gt=0, description="Parameter budget.")
     min_params: int = Field(
         default=0, ge=0, description="Enumeration lists only designs with at least this many parameters."
@@ -82,6 +93,11 @@ class SearchSpace(BaseModel):
         counts = self.stage_counts() if not problems else self.stages
         if any(n < 1 or n > MAX_STAGES for n in counts):
             problems.append(f"stages: each count must be 1-{MAX_STAGES}, got {sorted(set(counts))}")
+        elif not any(self.modes(n) for n in counts):
+            problems.append(
+                f"stages: {sorted(set(counts))} do not fit downsample {self.downsample} (pooling in "
+                f"every stage allows at most {stages_limit('pool')})"
+            )
         problems += self._check_blocks(counts)
         if min(self.base_width) < 1:
             problems.append(f"base_width: widths must be positive, got {self.base_width}")
@@ -98,7 +114,7 @@ class SearchSpace(BaseModel):
         if min(self.pool_size) < 0:
             problems.append(f"pool_size: must be 0 (global) or positive, got {self.pool_size}")
         elif not problems:
-            sides = {final_side(n) for n in counts}
+            sides = {final_side(n, mode) for n in counts for mode in self.modes(n)}
             unused = [p for p in self.pool_size if p and not any(s % p == 0 for s in sides)]
             if unused:
                 problems.append(
@@ -125,11 +141,19 @@ class SearchSpace(BaseModel):
             return [f"blocks: {len(self.blocks)} ranges given but designs have up to {max(counts)} stages"]
         return []
 
-    def stage_counts(self) -> list[int]:
-        """The distinct numbers of stages, in the order first given."""
+    def stage_counts(self, downsample: str | None = None) -> list[int]:
+        """The distinct numbers of stages, in the order first given (those ``downsample`` allows)."""
         if self.channels is not None:
-            return list(dict.fromkeys(len(c) for c in self.channels))
-        return list(dict.fromkeys(self.stages))
+            counts = list(dict.fromkeys(len(c) for c in self.channels))
+        else:
+            counts = list(dict.fromkeys(self.stages))
+        if downsample is None:
+            return counts
+        return [n for n in counts if n <= stages_limit(downsample)]
+
+    def modes(self, num_stages: int) -> list[str]:
+        """The ways of downsampling usable with ``num_stages`` stages."""
+        return [m for m in dict.fromkeys(self.downsample) if num_stages <= stages_limit(m)]
 
     def block_ranges(self, num_stages: int) -> list[tuple[int, int]]:
         """Inclusive ``(min, max)`` blocks of each stage of an ``num_stages``-stage design."""
@@ -149,9 +173,9 @@ class SearchSpace(BaseModel):
             ]
         return list(dict.fromkeys(options))
 
-    def pools(self, num_stages: int) -> list[int]:
+    def pools(self, num_stages: int, downsample: str = "stride") -> list[int]:
         """Pool sizes (resolved: 0 becomes the final side) usable with ``num_stages`` stages."""
-        side = final_side(num_stages)
+        side = final_side(num_stages, downsample)
         return list(dict.fromkeys(p or side for p in self.pool_size if side % (p or side) == 0))
 
     def with_budget(self, max_params: int | None = None, min_params: int | None = None) -> SearchSpace:

@@ -56,7 +56,11 @@ def trial_base(
 
 def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
     """Draw a design; block ranges narrow to what the budget leaves. ``(design, fits)``."""
-    n = trial.suggest_categorical("stages", space.stage_counts())
+    # Parameters whose choices depend on the way of downsampling get their own names, as
+    # Optuna needs one fixed set of choices per name.
+    mode = trial.suggest_categorical("downsample", space.downsample)
+    suffix = "" if mode == "stride" else f"_{mode}"
+    n = trial.suggest_categorical(f"stages{suffix}", space.stage_counts(mode))
     if space.channels is not None:
         options = {"-".join(map(str, w)): w for w in space.widths(n)}
         widths = options[trial.suggest_categorical(f"channels_{n}", list(options))]
@@ -66,9 +70,9 @@ def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
         widths = tuple(max(1, round(base * growth**i)) for i in range(n))
     f = trial.suggest_categorical("conv_kernel", space.conv_kernel)
     k = trial.suggest_categorical("skip_kernel", space.skip_kernel)
-    pool = trial.suggest_categorical(f"pool_size_{n}", space.pools(n))
+    pool = trial.suggest_categorical(f"pool_size_{n}{suffix}", space.pools(n, mode))
     stem = trial.suggest_categorical("stem_channels", space.stem_channels) or widths[0]
-    fam = _family(widths, f, k, pool, stem)
+    fam = _family(widths, f, k, pool, stem, mode)
     ranges = space.block_ranges(n)
     # Budget left for stage i = max - const - chosen stages before i - the minimum of those after.
     spent = fam.const_params + sum(lo * a for (lo, _), a in zip(ranges, fam.coef_params))
