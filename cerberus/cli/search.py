@@ -44,7 +44,7 @@ def candidates_table(enumeration):
         title_justify="left",
     )
     for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "stem", "down"):
-        table.add_column(name, justify="left" if name in ("blocks", "channels") else "right")
+        table.add_column(name, justify="left" if name in ("blocks", "channels", "down") else "right")
     for rank, c in enumerate(enumeration.candidates, start=1):
         a = c.architecture
         table.add_row(
