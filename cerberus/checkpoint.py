@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cerberus.arch import INPUT_SIDE, Architecture, check_architecture
+from cerberus.arch import DOWNSAMPLE_MODES, Architecture, check_architecture, needs_projection
 from cerberus.errors import CheckpointError, ConfigError
 from cerberus.files import fsync_dir, write_synced, write_temporary
 
@@ -437,7 +437,8 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
 
     Overrides (``blocks=``, ``conv_kernel=``, ``skip_kernel=``, ``pool_size=``, ...; ``None``
     values are ignored) take precedence. ``skip_kernel`` cannot be seen in designs with no
-    projection shortcut; it is then 1 unless overridden. Inconsistent weights raise
+    projection shortcut; it is then 1 unless overridden. ``downsample`` is 'pool' only where the
+    weights show it (see :func:`_infer_downsample`), else 'stride'. Inconsistent weights raise
     :class:`CheckpointError` naming the key.
     """
     state = _strip_prefixes(dict(state_dict))
@@ -449,6 +450,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
     widths: list[int] = []
     conv_kernels: set[int] = set()
     skip_kernels: set[int] = set()
+    shortcuts: list[tuple[str, int, int, int, int, bool]] = []  # (prefix, i, j, cin, cout, proj?)
     for i, num_blocks in enumerate(blocks):
         width = _weight(state, f"layer{i + 1}.0.conv1.weight").shape[0]
         for j in range(num_blocks):
@@ -465,14 +467,8 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
                     f"before it gives {cin}"
                 )
             conv_kernels.update((conv1.shape[-1], conv2.shape[-1]))
-            needs_projection = (i > 0 and j == 0) or cin != width
             has_projection = prefix + "shortcut.0.weight" in state
-            if has_projection != needs_projection:
-                state_of = "has" if has_projection else "lacks"
-                raise CheckpointError(
-                    f"{prefix + 'shortcut.0.weight'!r}: block {state_of} a projection shortcut, which "
-                    f"this ResNet family gives only to blocks that change stride or width"
-                )
+            shortcuts.append((prefix, i, j, cin, width, has_projection))
             if has_projection:
                 skip_kernels.add(_weight(state, prefix + "shortcut.0.weight").shape[-1])
             cin = width
@@ -484,10 +480,20 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
 
     linear = _weight(state, "linear.weight", dims=2)
     num_classes, in_features = linear.shape
-    side = INPUT_SIDE
-    for _ in range(len(blocks) - 1):
-        side = (side + 1) // 2
-    pool_size = _infer_pool(in_features, widths[-1], side)
+    downsample = overrides.get("downsample") or _infer_downsample(shortcuts)
+    if downsample not in DOWNSAMPLE_MODES:
+        raise ConfigError(f"downsample: must be 'stride' or 'pool', got {downsample!r}")
+    probe = Architecture(blocks=tuple(blocks), downsample=downsample)
+    for prefix, i, j, block_in, width, has_projection in shortcuts:
+        halves = j == 0 and probe.stage_downsamples(i)
+        if has_projection != needs_projection(probe, block_in, width, halves):
+            state_of = "has" if has_projection else "lacks"
+            rule = "change width" if probe.pools else "change stride or width"
+            raise CheckpointError(
+                f"{prefix + 'shortcut.0.weight'!r}: block {state_of} a projection shortcut, which "
+                f"this ResNet family (downsample={downsample!r}) gives only to blocks that {rule}"
+            )
+    pool_size = _infer_pool(in_features, widths[-1], probe.final_side)
 
     fields: dict[str, Any] = dict(
         blocks=tuple(blocks),
@@ -497,6 +503,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
         pool_size=pool_size,
         stem_channels=stem.shape[0],
         num_classes=num_classes,
+        downsample=downsample,
     )
     for name, value in overrides.items():
         if name not in fields:
@@ -504,6 +511,19 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
         if value is not None:
             fields[name] = tuple(value) if isinstance(value, list) else value
     return check_architecture(Architecture(**fields))
+
+
+def _infer_downsample(shortcuts) -> str:
+    """'pool' where the weights show it, else the usual CIFAR code's 'stride'.
+
+    A pooling design shows itself by a later stage whose first block keeps its width without a
+    projection (a strided block would need one). Where every stage widens, the two kinds have
+    identical weights (the head cannot tell them apart either: any pooled map size is also a
+    strided one's): 'stride' is assumed, and ``downsample=`` overrides it.
+    """
+    if any(i > 0 and j == 0 and cin == cout and not proj for _, i, j, cin, cout, proj in shortcuts):
+        return "pool"
+    return "stride"
 
 
 def _infer_pool(in_features: int, last_width: int, side: int) -> int:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 def params_table(summary: dict[str, Any]) -> Table:
     """Per-part parameters and MACs of :func:`cerberus.arch.summarize`'s result."""
     arch = summary["architecture"]
-    table = Table(title=f"ResNet {arch['blocks']} x {arch['channels']}", title_justify="left")
+    kind = ", max-pool downsampling" if arch.get("downsample") == "pool" else ""
+    table = Table(title=f"ResNet {arch['blocks']} x {arch['channels']}{kind}", title_justify="left")
     table.add_column("part")
     table.add_column("blocks", justify="right")
     table.add_column("channels", justify="right")

@@ -399,12 +399,41 @@ def test_inference_round_trips_random_designs(tmp_path):
             expected = arch if has_projection(arch) else Architecture(**{**arch.__dict__, "skip_kernel": 1})
             assert inferred.to_dict() == expected.to_dict(), f"trial {trial}: {arch.label()}"
             assert inferred.pool == arch.pool and inferred.stem_width == arch.stem_width
+            assert inferred.downsample == "stride"
         # the whole path through load_model, from the DataParallel-style file
         loaded, info = load_model(path, overrides={"skip_kernel": arch.skip_kernel})
         assert info["source"] == "state_dict"
         assert info["architecture"] == arch.to_dict()
         with torch.inference_mode():
             assert torch.equal(loaded(images), model(images)), f"trial {trial}"
+
+
+def test_inference_of_pooling_designs(tmp_path):
+    rng = random.Random(99)
+    images = torch.randn(1, 3, 32, 32)
+    for trial in range(12):
+        arch = random_design(rng)
+        arch = Architecture(**{**arch.__dict__, "downsample": "pool", "pool_size": None, "skip_kernel": 1})
+        model = tiny_model(trial, arch).eval()
+        path = tmp_path / f"pooled{trial}.pt"
+        torch.save(model.state_dict(), path)
+        loaded, info = load_model(path, overrides={"downsample": "pool"})
+        assert info["architecture"] == arch.to_dict()
+        with torch.inference_mode():
+            assert torch.equal(loaded(images), model(images)), f"trial {trial}"
+
+
+def test_pooling_is_inferred_where_the_weights_show_it():
+    # layer3 keeps layer2's width without a projection: only a pooling block does that
+    shown = Architecture(blocks=(1, 1, 1), channels=(8, 16, 16), stem_channels=4, downsample="pool")
+    assert infer_architecture(tiny_model(0, shown).state_dict()).to_dict() == shown.to_dict()
+    # every stage widens: the weights of both kinds are the same, and 'stride' is assumed
+    hidden = Architecture(blocks=(2, 2), channels=(4, 8), stem_channels=3, downsample="pool")
+    state = tiny_model(1, hidden).state_dict()
+    assert infer_architecture(state).downsample == "stride"
+    assert infer_architecture(state, downsample="pool").to_dict() == hidden.to_dict()
+    with pytest.raises(CheckpointError, match=r"'layer3.0.shortcut.0.weight': block lacks a projection"):
+        infer_architecture(tiny_model(0, shown).state_dict(), downsample="stride")
 
 
 def test_skip_kernel_default_and_override_without_projections():

@@ -385,6 +385,9 @@ def test_eval_errors_name_the_flag(weights, fake_cifar):
     result = runner.invoke(app, [*args, "--test-subset", "100000"])
     assert result.exit_code == 2
     assert result.stderr == "Error: --test-subset: 100000 is more than the 200 test images\n"
+    result = runner.invoke(app, [*args, "--downsample", "avg"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --downsample: must be 'stride' or 'pool', got 'avg'\n"
     result = runner.invoke(app, [*args, "--device", "cpu", "--precision", "fp16"])
     assert result.exit_code == 2
     assert result.stderr == "Error: --precision: fp16 is not supported on the CPU; use bf16 or fp32\n"

@@ -419,6 +419,23 @@ def test_trials_draw_both_ways_of_downsampling(tmp_path) -> None:
     assert load_config(pooled).model.downsample == "pool"
 
 
+@pytest.mark.parametrize(
+    ("extra", "modes"),
+    [
+        ({"stages": [6], "downsample": ["stride", "pool"]}, ["stride"]),  # 6 stages cannot pool
+        ({"stages": [2, 3], "pool_size": [16], "downsample": ["stride", "pool"]}, ["stride"]),
+    ],
+)
+def test_trials_draw_only_what_some_design_allows(tmp_path, extra, modes) -> None:
+    # 'pool' fits no stage count (or no pool size) of these spaces: never drawn, nothing crashes
+    space = {**TINY_SPACE, "base_width": [2], "growth": [1.0], "max_params": 50_000, **extra}
+    assert space_from_dict(space).usable_modes() == modes
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=4, space=space, pruner="none")
+    assert [r.state for r in result.leaderboard] == ["complete"] * 4
+    assert {c.model.downsample for c in trainer.configs} == set(modes)
+
+
 def test_designs_over_the_budget_never_train(tmp_path) -> None:
     # base width 32 cannot fit 20,000 parameters even with one block per stage: rejected cheaply;
     # width 4 fits, and its block ranges are narrowed so that every trained design fits.

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, console, emit_json, handle_errors
+from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors
 
 TrustPickle = Annotated[
     bool,
@@ -86,7 +86,7 @@ def _render_eval(result: dict[str, Any]) -> None:
     out.print(
         f"{result['checkpoint']}: {result['params']:,} parameters, {result['weights']} weights "
         f"(B{arch['blocks']} C{arch['channels']} F{arch['conv_kernel']} K{arch['skip_kernel']} "
-        f"P{arch['pool_size']})"
+        f"P{arch['pool_size']}{' maxpool' if arch.get('downsample') == 'pool' else ''})"
     )
     views = f", TTA over {result['views']} views" if result["tta"] else ""
     out.print(
@@ -147,6 +147,10 @@ def eval_command(
         int | None, typer.Option(help="Plain state_dicts: shortcut kernel K (default: inferred, else 1).")
     ] = None,
     pool_size: Annotated[int | None, typer.Option(help="Plain state_dicts: average-pool size P.")] = None,
+    downsample: Annotated[
+        str | None,
+        typer.Option(help="Plain state_dicts: 'stride' or 'pool' (default: inferred, else stride)."),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Evaluate weights on the CIFAR-10 test set: accuracy, loss, per-class table, confusion matrix.
@@ -167,11 +171,14 @@ def eval_command(
 
     if trust_pickle:
         _warn_trust(checkpoint)
+    if downsample not in (None, "stride", "pool"):
+        raise fail(f"--downsample: must be 'stride' or 'pool', got {downsample!r}", 2)
     overrides = {
         "blocks": tuple(blocks) if blocks else None,
         "conv_kernel": conv_kernel,
         "skip_kernel": skip_kernel,
         "pool_size": pool_size,
+        "downsample": downsample,
     }
     with _progress_bar(not as_json, "evaluating") as progress:
         result = evaluate_checkpoint(

@@ -142,14 +142,19 @@ class SearchSpace(BaseModel):
         return []
 
     def stage_counts(self, downsample: str | None = None) -> list[int]:
-        """The distinct numbers of stages, in the order first given (those ``downsample`` allows)."""
+        """The distinct numbers of stages, in the order first given; with ``downsample``, only
+        those it allows that also have a usable pool size."""
         if self.channels is not None:
             counts = list(dict.fromkeys(len(c) for c in self.channels))
         else:
             counts = list(dict.fromkeys(self.stages))
         if downsample is None:
             return counts
-        return [n for n in counts if n <= stages_limit(downsample)]
+        return [n for n in counts if n <= stages_limit(downsample) and self.pools(n, downsample)]
+
+    def usable_modes(self) -> list[str]:
+        """The ways of downsampling that some stage count and pool size of the space allow."""
+        return [m for m in dict.fromkeys(self.downsample) if self.stage_counts(m)]
 
     def modes(self, num_stages: int) -> list[str]:
         """The ways of downsampling usable with ``num_stages`` stages."""

@@ -58,7 +58,7 @@ def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
     """Draw a design; block ranges narrow to what the budget leaves. ``(design, fits)``."""
     # Parameters whose choices depend on the way of downsampling get their own names, as
     # Optuna needs one fixed set of choices per name.
-    mode = trial.suggest_categorical("downsample", space.downsample)
+    mode = trial.suggest_categorical("downsample", space.usable_modes())
     suffix = "" if mode == "stride" else f"_{mode}"
     n = trial.suggest_categorical(f"stages{suffix}", space.stage_counts(mode))
     if space.channels is not None:
