@@ -173,7 +173,7 @@ def loop(args) -> None:
 
     from cerberus.arch import Architecture
     from cerberus.augment import Augmenter
-    from cerberus.config import AugmentConfig, TrainConfig, load_config
+    from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, AugmentConfig, TrainConfig, load_config
     from cerberus.data import load_cifar10, step_generator
     from cerberus.device import resolve_placement
     from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
@@ -190,7 +190,7 @@ def loop(args) -> None:
     else:
         arch, batch = Architecture(blocks=BLOCKS, channels=CHANNELS), BATCH
         augment = AugmentConfig(crop_padding=4, flip=True)
-        mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
         placement = resolve_placement(args.device)
         cfg = TrainConfig(
             epochs=1000, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant"

@@ -73,17 +73,17 @@ class Architecture:
         return self.stem_channels if self.stem_channels is not None else self.widths[0]
 
     @property
-    def pools(self) -> bool:
+    def max_pool_downsampling(self) -> bool:
         """True when stages downsample by max-pooling (``downsample = "pool"``)."""
         return self.downsample == "pool"
 
     @property
     def max_stages(self) -> int:
-        return MAX_STAGES - 1 if self.pools else MAX_STAGES
+        return MAX_STAGES - 1 if self.max_pool_downsampling else MAX_STAGES
 
     def stage_downsamples(self, stage: int) -> bool:
         """Whether the first block of stage ``stage`` (0-based) halves the feature map."""
-        return self.pools or stage > 0
+        return self.max_pool_downsampling or stage > 0
 
     @property
     def final_side(self) -> int:
@@ -121,7 +121,7 @@ class Architecture:
         blocks = ",".join(map(str, self.blocks))
         widths = ",".join(map(str, self.widths))
         label = f"B[{blocks}] C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool}"
-        return label + " maxpool" if self.pools else label
+        return label + " maxpool" if self.max_pool_downsampling else label
 
 
 def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:
@@ -133,7 +133,7 @@ def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:
     if arch.downsample not in DOWNSAMPLE_MODES:
         return [("downsample", f"must be 'stride' or 'pool', got {arch.downsample!r}")]
     if n > arch.max_stages:
-        halving = "every stage" if arch.pools else "each stage after the first"
+        halving = "every stage" if arch.max_pool_downsampling else "each stage after the first"
         problems.append(
             (
                 "blocks",
@@ -193,7 +193,7 @@ def _conv_bn_params(cin: int, cout: int, kernel: int) -> int:
 
 def needs_projection(arch: Architecture, cin: int, cout: int, halves: bool) -> bool:
     """Whether a block's shortcut is a KxK conv + BN rather than the identity (or a bare pool)."""
-    return cin != cout or (halves and not arch.pools)
+    return cin != cout or (halves and not arch.max_pool_downsampling)
 
 
 def _block_params(arch: Architecture, cin: int, cout: int, halves: bool) -> int:
@@ -247,7 +247,7 @@ def stage_macs(arch: Architecture) -> list[int]:
         for cin, cout, halves, side in blocks:
             pixels = side * side
             # a pooling block's first conv runs before the pool, at twice the output side
-            first_pixels = 4 * pixels if (halves and arch.pools) else pixels
+            first_pixels = 4 * pixels if (halves and arch.max_pool_downsampling) else pixels
             macs += f2 * cout * (first_pixels * cin + pixels * cout)  # both convs of the block
             if needs_projection(arch, cin, cout, halves):
                 macs += pixels * k2 * cin * cout

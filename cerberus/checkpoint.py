@@ -488,7 +488,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
         halves = j == 0 and probe.stage_downsamples(i)
         if has_projection != needs_projection(probe, block_in, width, halves):
             state_of = "has" if has_projection else "lacks"
-            rule = "change width" if probe.pools else "change stride or width"
+            rule = "change width" if probe.max_pool_downsampling else "change stride or width"
             raise CheckpointError(
                 f"{prefix + 'shortcut.0.weight'!r}: block {state_of} a projection shortcut, which "
                 f"this ResNet family (downsample={downsample!r}) gives only to blocks that {rule}"

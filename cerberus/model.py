@@ -66,7 +66,7 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(num_blocks):
                 halves = j == 0 and arch.stage_downsamples(i)
-                pool = halves and arch.pools
+                pool = halves and arch.max_pool_downsampling
                 stride = 2 if (halves and not pool) else 1
                 blocks.append(BasicBlock(cin, width, stride, arch.conv_kernel, arch.skip_kernel, pool=pool))
                 cin = width

@@ -174,7 +174,11 @@ def test_pooling_designs_keep_to_five_stages() -> None:
     both = space.with_budget().model_copy(update={"downsample": ["stride", "pool"]})
     assert both.modes(6) == ["stride"] and both.modes(5) == ["stride", "pool"]
     assert count_designs(both) == count_designs(space) + 2**5
-    pooled = [c.architecture for c in enumerate_designs(both, top=10_000).candidates if c.architecture.pools]
+    pooled = [
+        c.architecture
+        for c in enumerate_designs(both, top=10_000).candidates
+        if c.architecture.max_pool_downsampling
+    ]
     assert len(pooled) == 2**5 and all(len(a.blocks) == 5 and a.final_side == 1 for a in pooled)
 
 
@@ -409,7 +413,7 @@ def test_trials_draw_both_ways_of_downsampling(tmp_path) -> None:
     result, _ = trials(tmp_path, trainer, n=12, space=space, pruner="none", top=12)
     archs = [c.model.architecture() for c in trainer.configs]
     assert {a.downsample for a in archs} == {"stride", "pool"}
-    assert all(len(a.blocks) == 2 for a in archs if a.pools)
+    assert all(len(a.blocks) == 2 for a in archs if a.max_pool_downsampling)
     for r in result.leaderboard:
         arch = Architecture(
             **{**r.design, "blocks": tuple(r.design["blocks"]), "channels": tuple(r.design["channels"])}

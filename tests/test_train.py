@@ -386,7 +386,7 @@ def test_test_tta_reports_what_eval_tta_reproduces(tmp_path, fake_cifar):
 
 def test_a_pooling_design_trains_and_its_checkpoint_evaluates_to_the_summary(tmp_path, fake_cifar):
     cfg = tiny_config(tmp_path, "train.epochs=1", 'model.downsample="pool"')
-    assert cfg.model.architecture().pools
+    assert cfg.model.architecture().max_pool_downsampling
     result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
     summary = json.loads((result.out_dir / "summary.json").read_text())
     best = str(result.out_dir / "best.pt")

@@ -36,7 +36,7 @@ def design_slug(arch: Architecture) -> str:
     blocks = "-".join(map(str, arch.blocks))
     widths = "-".join(map(str, arch.widths))
     slug = f"b{blocks}_c{widths}_f{arch.conv_kernel}k{arch.skip_kernel}p{arch.pool}s{arch.stem_width}"
-    return slug + "_maxpool" if arch.pools else slug
+    return slug + "_maxpool" if arch.max_pool_downsampling else slug
 
 
 def write_configs(
