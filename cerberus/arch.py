@@ -36,6 +36,7 @@ from cerberus.errors import BudgetError, ConfigError
 INPUT_SIDE = 32  # CIFAR images are 32x32
 INPUT_CHANNELS = 3
 STEM_KERNEL = 3
+DEFAULT_BUDGET = 5_000_000  # parameters: the course's limit
 MAX_STAGES = 6  # 32 -> 16 -> 8 -> 4 -> 2 -> 1: a seventh stage would have nothing to halve
 DOWNSAMPLE_MODES = ("stride", "pool")
 
@@ -179,7 +180,7 @@ def check_architecture(arch: Architecture) -> Architecture:
     problems = architecture_problems(arch)
     if problems:
         name, message = problems[0]
-        raise ConfigError(f"model.{name}: {message}")
+        raise ConfigError(f"model.{name}: {message}", field=name, detail=message)
     return arch
 
 

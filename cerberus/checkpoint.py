@@ -480,9 +480,14 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
 
     linear = _weight(state, "linear.weight", dims=2)
     num_classes, in_features = linear.shape
+    given_blocks = overrides.get("blocks")
+    if given_blocks is not None and tuple(given_blocks) != tuple(blocks):
+        detail = f"the weights have blocks {list(blocks)}, not {list(given_blocks)}"
+        raise ConfigError(f"blocks: {detail}", field="blocks", detail=detail)
     downsample = overrides.get("downsample") or _infer_downsample(shortcuts)
     if downsample not in DOWNSAMPLE_MODES:
-        raise ConfigError(f"downsample: must be 'stride' or 'pool', got {downsample!r}")
+        detail = f"must be 'stride' or 'pool', got {downsample!r}"
+        raise ConfigError(f"downsample: {detail}", field="downsample", detail=detail)
     probe = Architecture(blocks=tuple(blocks), downsample=downsample)
     for prefix, i, j, block_in, width, has_projection in shortcuts:
         halves = j == 0 and probe.stage_downsamples(i)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cerberus.arch import Architecture, architecture_problems, check_budget
+from cerberus.arch import DEFAULT_BUDGET, Architecture, architecture_problems, check_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,6 +23,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from cerberus.errors import BudgetError, ConfigError
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the seed project's normalisation constants
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -61,7 +66,7 @@ class ModelConfig(Section):
         ),
     )
     max_params: int = Field(
-        default=5_000_000, gt=0, description="Parameter budget: larger models are refused."
+        default=DEFAULT_BUDGET, gt=0, description="Parameter budget: larger models are refused."
     )
 
     def architecture(self) -> Architecture:
@@ -166,6 +171,12 @@ class AugmentConfig(Section):
         default=0.0, ge=0, lt=1, description="Label smoothing of the training loss."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        if self.mix_prob < 1 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("mix_prob applies to mixup and cutmix: set mixup_alpha or cutmix_alpha too")
+        return self
+
 
 class TrainConfig(Section):
     """``[train]``: optimisation, schedule, precision and device."""
@@ -198,10 +209,10 @@ class TrainConfig(Section):
     )
     ema_decay: float = Field(default=0.0, ge=0, lt=1, description="EMA of the weights per step; 0 = off.")
     grad_clip: float = Field(default=0.0, ge=0, description="Clip gradient norm to this; 0 = off.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         default="auto", description="Autocast precision; auto picks the fastest the device has."
     )
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
+    device: Device = Field(default="auto", description="Device.")
     channels_last: bool | None = Field(
         default=None, description="channels_last memory format. Default: on where it is faster."
     )
@@ -218,7 +229,9 @@ class TrainConfig(Section):
         description="Also evaluate the test set each epoch (a curve only; never used to select).",
     )
     checkpoint_every: int = Field(
-        default=0, ge=0, description="Also write last.pt every N steps within an epoch; 0 = off."
+        default=0,
+        ge=0,
+        description="Also write last.pt at steps N, 2N, ... of each epoch; 0 = off.",
     )
     save_every_epochs: int = Field(
         default=1,
@@ -232,6 +245,18 @@ class TrainConfig(Section):
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
         if self.milestones != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ValueError(f"milestones must be positive and increasing, got {self.milestones}")
+        # settings the chosen schedule or optimizer would silently ignore are refused
+        if self.milestones and self.schedule not in ("step", "seed"):
+            raise ValueError(
+                f"milestones apply to the step and seed schedules, not {self.schedule!r}: "
+                'set schedule = "step" or remove them'
+            )
+        if self.t_max is not None and self.schedule != "seed":
+            raise ValueError(f"t_max applies to the seed schedule only, not {self.schedule!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError("nesterov applies to the sgd optimizer only")
         return self
 
 

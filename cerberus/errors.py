@@ -14,9 +14,19 @@ class CerberusError(Exception):
 
 
 class ConfigError(CerberusError):
-    """A config, override or command-line design that cannot be used (exit code 2)."""
+    """A config, override or command-line design that cannot be used (exit code 2).
+
+    ``field`` names the setting at fault where one does, and ``detail`` is the message without
+    the setting's name, so that a caller which took the value from elsewhere (a command-line
+    flag) can name its own source instead.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, field: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.detail = detail if detail is not None else message
 
 
 class BudgetError(ConfigError):

@@ -18,6 +18,7 @@ Test-time augmentation (``tta=True``) averages the logits of four views of every
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from cerberus.checkpoint import (
     load_checkpoint,
     state_dict_from,
 )
+from cerberus.config import DEVICES, PRECISIONS
 from cerberus.device import Placement
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 
@@ -44,8 +46,6 @@ if TYPE_CHECKING:
 
 TTA_VIEWS = ("identity", "flip", "translate", "flip+translate")
 TTA_SHIFT = 2  # pixels a translated view moves down and right
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # On the CPU the forward pass runs on slices of at most this many images, whatever the batch size:
 # their activations stay in the caches. On a 2-core AVX2 EPYC, slices of 64 ran ResNet-24 1.3x and
 # small nets 1.8x faster than batches of 1000 (benchmarks/RESULTS.md).
@@ -283,14 +283,15 @@ def load_model(
     raises :class:`CheckpointError`. Any other weights file (a state_dict, possibly wrapped or
     pickled) has its architecture inferred from names and shapes; ``overrides`` (Architecture
     fields) settle what the weights cannot show. ``info`` holds ``source`` ("cerberus" | "state_dict"),
-    ``architecture``, ``weights`` ("ema" | "model"), ``config`` (dict or None) and ``params``.
+    ``architecture``, ``weights`` ("ema" | "model"), ``config`` (dict or None), ``params`` and
+    ``notes`` (sentences for the user, e.g. that the weights fit another design as well).
     """
     from cerberus.model import build_model
 
     path = Path(path)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     obj = load_checkpoint(path, trust_pickle=trust_pickle)
-    info: dict[str, Any] = {"checkpoint": str(path)}
+    info: dict[str, Any] = {"checkpoint": str(path), "notes": []}
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         check_format(obj)
         if overrides:
@@ -320,6 +321,11 @@ def load_model(
         state = state_dict_from(obj)
         arch = infer_architecture(state, **overrides)
         info.update(source="state_dict", weights="model", config=None)
+        if "downsample" not in overrides and arch.downsample == "stride" and _fits_pooling(state, overrides):
+            info["notes"].append(
+                "these weights fit a strided and a max-pooling ResNet alike and were read as "
+                "strided; if they were trained with downsample = 'pool', pass --downsample pool"
+            )
     bad = first_non_finite(state)
     if bad is not None:
         raise CheckpointError(f"{path}: weight {bad!r} holds NaN or infinite values")
@@ -328,6 +334,15 @@ def load_model(
     model.eval()
     info.update(architecture=arch.to_dict(), params=count_params(arch))
     return model, info
+
+
+def _fits_pooling(state: dict[str, torch.Tensor], overrides: dict[str, Any]) -> bool:
+    """Whether a max-pooling design fits the weights too (identical tensor shapes)."""
+    try:
+        infer_architecture(state, **{**overrides, "downsample": "pool"})
+    except CerberusError:
+        return False
+    return True
 
 
 def check_placement_names(device: str | None, precision: str | None) -> None:
@@ -364,6 +379,56 @@ def eval_placement(config: ExperimentConfig | None, device: str | None, precisio
         return resolve_placement(device or "auto", precision or "auto", channels_last, sources=flags)
 
 
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """A loaded model and the settings to run it with: what evaluation and prediction share."""
+
+    model: nn.Module
+    info: dict[str, Any]  # from load_model
+    config: ExperimentConfig | None  # the run's config, for Cerberus checkpoints
+    placement: Placement
+    batch_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def logits(self, images: torch.Tensor, *, tta: bool = False, progress: Progress | None = None):
+        return predict_logits(
+            self.model,
+            images,
+            mean=self.mean,
+            std=self.std,
+            placement=self.placement,
+            batch_size=self.batch_size,
+            tta=tta,
+            progress=progress,
+        )
+
+
+def prepare_inference(
+    path: Path,
+    *,
+    trust_pickle: bool = False,
+    use_ema: bool = True,
+    overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+) -> Inference:
+    """Load ``path`` and settle how to run it (see :func:`evaluate_checkpoint` for the defaults)."""
+    from cerberus.config import DataConfig, config_from_dict
+
+    check_placement_names(device, precision)
+    model, info = load_model(path, trust_pickle=trust_pickle, use_ema=use_ema, overrides=overrides)
+    config = None
+    if info["config"] is not None:
+        config = config_from_dict(info["config"], source=str(path), enforce_budget=False)
+    data_cfg = config.data if config is not None else DataConfig()
+    placement = eval_placement(config, device, precision)  # a device this machine lacks: say so now
+    if batch_size is None:
+        batch_size = config.train.eval_batch_size if config is not None else 1000
+    return Inference(model, info, config, placement, batch_size, data_cfg.mean, data_cfg.std)
+
+
 def evaluate_checkpoint(
     path: Path,
     *,
@@ -388,20 +453,27 @@ def evaluate_checkpoint(
     weights (the seed project's mean/std, ``auto`` placement, 1000 images per batch).
     The result adds ``tta``, ``views``, ``seconds``, ``images_per_sec``, ``device``,
     ``precision``, ``channels_last``, ``batch_size``, ``checkpoint``, ``source``, ``weights``,
-    ``architecture``, ``params``, ``data_root`` and ``test_subset``.
+    ``architecture``, ``params``, ``data_root``, ``test_subset`` and ``notes``.
     """
-    from cerberus.config import DataConfig, config_from_dict
+    from cerberus.config import DataConfig
     from cerberus.data import load_cifar10, make_splits, resolve_data_root
 
-    check_placement_names(device, precision)
     if test_subset is not None and test_subset < 0:
         raise ConfigError(f"--test-subset: must be 0 (all) or positive, got {test_subset}")
-    model, info = load_model(path, trust_pickle=trust_pickle, use_ema=use_ema, overrides=overrides)
-    config = None
-    if info["config"] is not None:
-        config = config_from_dict(info["config"], source=str(path), enforce_budget=False)
-    data_cfg = config.data if config is not None else DataConfig()
-    placement = eval_placement(config, device, precision)  # a device this machine lacks: say so now
+    run = prepare_inference(
+        path,
+        trust_pickle=trust_pickle,
+        use_ema=use_ema,
+        overrides=overrides,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+    )
+    if mean is not None or std is not None:
+        run = dataclasses.replace(
+            run, mean=run.mean if mean is None else mean, std=run.std if std is None else std
+        )
+    data_cfg = run.config.data if run.config is not None else DataConfig()
 
     recorded = (data_cfg.root or "").strip()
     if data_dir is None and recorded and not Path(recorded).expanduser().is_dir():
@@ -418,25 +490,15 @@ def evaluate_checkpoint(
     splits = make_splits(data, data_cfg.model_copy(update={"test_subset": subset}))  # the first N
     images, labels = splits.test_images, splits.test_labels
     classes = list(data.classes)
+    info = run.info
     num_classes = info["architecture"]["num_classes"]
     if num_classes != len(classes):
         raise CheckpointError(
             f"{path}: the model has {num_classes} outputs but the dataset has {len(classes)} classes"
         )
 
-    if batch_size is None:
-        batch_size = config.train.eval_batch_size if config is not None else 1000
     start = time.perf_counter()
-    logits = predict_logits(
-        model,
-        images,
-        mean=mean if mean is not None else data_cfg.mean,
-        std=std if std is not None else data_cfg.std,
-        placement=placement,
-        batch_size=batch_size,
-        tta=tta,
-        progress=progress,
-    )
+    logits = run.logits(images, tta=tta, progress=progress)
     seconds = time.perf_counter() - start
     result = classification_report(logits, labels, classes)
     result.update(
@@ -444,10 +506,10 @@ def evaluate_checkpoint(
         views=len(TTA_VIEWS) if tta else 1,
         seconds=seconds,
         images_per_sec=result["images"] / max(seconds, 1e-9),
-        device=str(placement.device),
-        precision=placement.precision,
-        channels_last=placement.channels_last,
-        batch_size=batch_size,
+        device=str(run.placement.device),
+        precision=run.placement.precision,
+        channels_last=run.placement.channels_last,
+        batch_size=run.batch_size,
         checkpoint=str(path),
         source=info["source"],
         weights=info["weights"],
@@ -455,6 +517,7 @@ def evaluate_checkpoint(
         params=info["params"],
         data_root=str(root),
         test_subset=subset,
+        notes=info["notes"],
     )
     return result
 
@@ -495,6 +558,18 @@ def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
 
 # --------------------------------------------------------------------------------------------
 # Files
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """Refuse a report folder that cannot be written, before any work is done."""
+    import os
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CerberusError(f"{out_dir} is a file; give a folder for the report")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CerberusError(f"cannot write into {out_dir}: {existing} is not a writable folder")
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:

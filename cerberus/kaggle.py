@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cerberus import safe_pickle
-from cerberus.errors import CerberusError, DataError
+from cerberus.errors import CerberusError, ConfigError, DataError
 from cerberus.files import atomic_write
 
 LAYOUTS = ("chw", "hwc")
@@ -68,6 +68,12 @@ def _read_pickle(path: Path) -> Any:
         raise DataError(f"{path} is not a pickle file, or is corrupt ({type(err).__name__}: {err})") from None
 
 
+def _check_layout(layout: str | None) -> None:
+    if layout is not None and layout not in LAYOUTS:
+        detail = f"choose {' or '.join(LAYOUTS)}, got {layout!r}"
+        raise ConfigError(f"layout: {detail}", field="layout", detail=detail)
+
+
 def _images_from(data: Any, path: Path, layout: str | None) -> tuple[torch.Tensor, str]:
     if not isinstance(data, np.ndarray):
         raise DataError(f"{path}: 'data' is a {type(data).__name__}, expected a numpy array of pixels")
@@ -88,8 +94,7 @@ def _images_from(data: Any, path: Path, layout: str | None) -> tuple[torch.Tenso
             f"{path}: 'data' has shape {list(shape)}; expected N x 3072 (channel-major rows) "
             "or N x 32 x 32 x 3 (channels last)"
         )
-    if layout is not None and layout not in LAYOUTS:
-        raise DataError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    _check_layout(layout)
     layout = layout or detected
     n = shape[0]
     if n == 0:
@@ -111,7 +116,8 @@ def _ids_from(ids: Any, n: int, path: Path) -> list:
         ids = ids.tolist()
     if not isinstance(ids, (list, tuple)):
         raise DataError(f"{path}: 'ids' is a {type(ids).__name__}, expected a list or array")
-    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+    # numpy scalars (a list of np.int64, np.str_) become plain ints and strings
+    ids = [i.decode() if isinstance(i, bytes) else i.item() if isinstance(i, np.generic) else i for i in ids]
     if any(not isinstance(i, (int, str)) or isinstance(i, bool) for i in ids):
         raise DataError(f"{path}: 'ids' must be integers or strings")
     if len(ids) != n:
@@ -203,6 +209,7 @@ def predict_unlabeled(
     tta: bool = False,
     use_ema: bool = True,
     trust_pickle: bool = False,
+    overrides: dict[str, Any] | None = None,
     device: str | None = None,
     precision: str | None = None,
     batch_size: int | None = None,
@@ -210,39 +217,30 @@ def predict_unlabeled(
 ) -> dict[str, Any]:
     """Predict every image of a Kaggle test file and write the submission (and probabilities).
 
-    Normalisation and placement follow :func:`cerberus.evaluate.evaluate_checkpoint`: the
-    checkpoint's own config for Cerberus checkpoints, the seed's constants otherwise. Cheap
-    checks come first: the model is loaded and verified and the output folders checked before
-    the input is read, and all of that before inference.
+    Weights, normalisation, placement and ``overrides`` (plain state_dicts) follow
+    :func:`cerberus.evaluate.evaluate_checkpoint`: the checkpoint's own config for Cerberus
+    checkpoints, the seed's constants otherwise. Cheap checks come first: the model is loaded
+    and verified and the output folders checked before the input is read, and all of that
+    before inference.
     """
-    from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, config_from_dict
-    from cerberus.evaluate import TTA_VIEWS, check_placement_names, eval_placement, load_model, predict_logits
+    from cerberus.evaluate import TTA_VIEWS, prepare_inference
 
-    check_placement_names(device, precision)
-    model, info = load_model(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
-    config = None
-    if info["config"] is not None:
-        config = config_from_dict(info["config"], source=str(checkpoint), enforce_budget=False)
-    mean = config.data.mean if config is not None else CIFAR10_MEAN
-    std = config.data.std if config is not None else CIFAR10_STD
-    placement = eval_placement(config, device, precision)
+    _check_layout(layout)
+    run = prepare_inference(
+        checkpoint,
+        trust_pickle=trust_pickle,
+        use_ema=use_ema,
+        overrides=overrides,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+    )
     for path in (output, probs_path):
         if path is not None:
             _check_output(path)
     ids, images, layout = _read_unlabeled(Path(input_path), layout)
-    if batch_size is None:
-        batch_size = config.train.eval_batch_size if config is not None else 1000
     start = time.perf_counter()
-    logits = predict_logits(
-        model,
-        images,
-        mean=mean,
-        std=std,
-        placement=placement,
-        batch_size=batch_size,
-        tta=tta,
-        progress=progress,
-    )
+    logits = run.logits(images, tta=tta, progress=progress)
     seconds = time.perf_counter() - start
     labels = logits.argmax(1)
     write_submission(output, ids, labels)
@@ -259,12 +257,13 @@ def predict_unlabeled(
         "tta": tta,
         "views": len(TTA_VIEWS) if tta else 1,
         "seconds": seconds,
-        "device": str(placement.device),
-        "precision": placement.precision,
+        "device": str(run.placement.device),
+        "precision": run.placement.precision,
         "checkpoint": str(checkpoint),
-        "source": info["source"],
-        "weights": info["weights"],
-        "architecture": info["architecture"],
+        "source": run.info["source"],
+        "weights": run.info["weights"],
+        "architecture": run.info["architecture"],
+        "notes": run.info["notes"],
     }
 
 

@@ -159,10 +159,9 @@ class Run:
             raise ConfigError("data: no training images left after data.train_subset and data.val_size")
         self.check_shards()
 
-    def setup(self) -> None:
+    def place(self) -> None:
+        """Settle device, precision and layout (an unavailable one is refused before any work)."""
         cfg = self.config
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         self.placement: Placement = resolve_placement(
             cfg.train.device if self.dist.device is None else self.dist.device.type,
             cfg.train.precision,
@@ -172,6 +171,11 @@ class Run:
             self.placement = Placement(
                 self.dist.device, self.placement.precision, self.placement.channels_last
             )
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         device = self.placement.device
         tune_backends(self.placement)
 
@@ -401,10 +405,8 @@ class Run:
         )
 
         every = cfg.train.checkpoint_every
-        saved_at = start_epoch * steps + start_step  # the position last.pt holds, in steps
 
         def on_step(step: int, st: EpochState, lr: float) -> None:
-            nonlocal saved_at
             self.emit(
                 {
                     "event": "step",
@@ -417,13 +419,10 @@ class Run:
                     "images_per_sec": st.images / max(st.seconds, 1e-9),
                 }
             )
-            # train.checkpoint_every: on_step comes only where the sums were read back (every
-            # step on CPU, every few on GPUs), so save once `every` steps have passed since the
-            # last save. The epoch's last step and interrupts save below.
-            position = epoch * steps + step
-            if every and step < steps and position - saved_at >= every:
+            # train.checkpoint_every: at steps N, 2N, ... of each epoch (the trainer reads its
+            # sums back there, so on_step comes). The epoch's last step and interrupts save below.
+            if every and step < steps and step % every == 0:
                 self.save_last(self.payload(epoch, step, st))
-                saved_at = position
 
         if start_epoch >= cfg.train.epochs:  # resuming a finished run: a kill may have come
             self.write_metrics(plot=True)  # between its last last.pt and metrics.jsonl
@@ -468,7 +467,6 @@ class Run:
                     self.best_state = best["model"]
             if save_now:
                 self.save_last(payload)
-                saved_at = (epoch + 1) * steps
             self.write_metrics(plot=epoch + 1 == cfg.train.epochs)
             self.emit({"event": "epoch", **line})
             state = EpochState()
@@ -570,11 +568,22 @@ class Run:
         return summary
 
 
+RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl")  # a fresh run would replace them
+
+
 def _check_out_dir(out_dir: Path, resuming: bool) -> None:
-    if not resuming and (out_dir / "last.pt").exists():
+    """A new run never writes over another's results (a best.pt kept after deleting last.pt)."""
+    if resuming:
+        return
+    if (out_dir / "last.pt").exists():
         raise ConfigError(
             f"{out_dir} already holds a run; continue it with "
             f"`cerberus train --resume {out_dir / 'last.pt'}` or choose another --out"
+        )
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"{out_dir} already holds a run's results ({', '.join(held)}); choose another --out"
         )
 
 
@@ -616,7 +625,7 @@ def train_run(
         config = config_from_dict(ckpt["config"], source=str(resume))
         out_dir = resume.parent
         recorded = config.data.root
-        if data_dir is None and recorded is not None and not Path(recorded).is_dir():
+        if data_dir is None and recorded is not None and not Path(recorded).expanduser().is_dir():
             raise ConfigError(
                 f"data.root {recorded} recorded in {resume} does not exist here; "
                 "pass --data-dir with the folder that holds cifar-10-batches-py/"
@@ -627,11 +636,10 @@ def train_run(
             torch.set_num_threads(ckpt["threads"])
     if config is None:
         raise ConfigError("train_run needs a config or a checkpoint to resume")
-    # The resolved config names the data folder, so that --resume and `cerberus eval` of this
-    # run's checkpoints read the same images.
-    if data_dir is not None or config.data.root is None:
-        root = resolve_data_root(data_dir, config.data.root).absolute()
-        config = config.model_copy(update={"data": config.data.model_copy(update={"root": str(root)})})
+    # The resolved config names the data folder as an absolute path, so that --resume and
+    # `cerberus eval` of this run's checkpoints read the same images from any working folder.
+    root = resolve_data_root(data_dir, config.data.root).absolute()
+    config = config.model_copy(update={"data": config.data.model_copy(update={"root": str(root)})})
 
     # Under torchrun every rank trains; rank 0 alone owns the run directory (lock, files).
     dist = DistContext.from_env(config.train.device)
@@ -644,6 +652,7 @@ def train_run(
         with contextlib.ExitStack() as lock, signals:
             run = Run(config, out_dir, on_event, save_checkpoints, dist)
             with dist.agreement():  # what may fail on one rank only fails on all
+                run.place()
                 if dist.is_main:
                     _check_out_dir(out_dir, resuming=ckpt is not None)
                 run.load_data()  # data problems are refused before anything is written

@@ -142,10 +142,16 @@ def test_config_file(runner: CliRunner, tmp_path: Path) -> None:
 def test_config_and_flags_conflict(runner: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[model]\nblocks = [1, 1]\n")
-    for flags in (["--blocks", "2"], ["--conv-kernel", "5"], ["--channels", "8", "16"]):
+    # a flag given at its default value counts too: it would otherwise be ignored silently
+    for flags, named in (
+        (["--blocks", "2"], "--blocks"),
+        (["--conv-kernel", "3"], "--conv-kernel"),
+        (["--downsample", "stride", "--num-classes", "10"], "--num-classes, --downsample"),
+        (["--channels", "8", "16"], "--channels"),
+    ):
         assert_clean_refusal(
             invoke(runner, str(path), *flags),
-            "give either a config file or design flags (--blocks ...), not both",
+            f"give either a config file or design flags ({named}), not both",
         )
 
 

@@ -64,7 +64,7 @@ eval_batch_size = 500
 optimizer = "adamw"
 lr = 0.002
 momentum = 0.85
-nesterov = true
+nesterov = false
 weight_decay = 0.05
 decay_bn_and_bias = false
 schedule = "seed"
@@ -258,6 +258,11 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"data": {"train_subset": 100, "val_size": 100}}, "must be smaller than train_subset (100)"),
         ({"train": {"epochs": 3, "warmup_epochs": 3}}, "warmup_epochs (3.0) must be less than epochs (3)"),
         ({"train": {"milestones": [20, 10]}}, "milestones must be positive and increasing, got [20, 10]"),
+        ({"train": {"milestones": [10], "schedule": "cosine"}}, "milestones apply to the step and seed"),
+        ({"train": {"t_max": 20}}, "t_max applies to the seed schedule only, not 'cosine'"),
+        ({"train": {"lr": 0.1, "min_lr": 1.0}}, "min_lr (1.0) must not exceed lr (0.1)"),
+        ({"train": {"optimizer": "adamw", "nesterov": True}}, "nesterov applies to the sgd optimizer only"),
+        ({"augment": {"mix_prob": 0.5}}, "mix_prob applies to mixup and cutmix"),
         ({"model": {"conv_kernel": 4}}, "model: conv_kernel: must be a positive odd number, got 4"),
         ({"model": {"downsample": "avg"}}, "model.downsample: Input should be 'stride' or 'pool'"),
         (

@@ -255,6 +255,7 @@ def test_sync_bn_on_the_cpu_is_refused_with_a_message(tmp_path):
 @pytest.fixture
 def tiny_run(tmp_path, fake_cifar) -> Run:
     run = Run(tiny_config(tmp_path, data_root=fake_cifar), tmp_path, None, False, DistContext())
+    run.place()
     run.load_data()
     run.setup()
     return run

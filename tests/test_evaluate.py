@@ -347,9 +347,46 @@ def test_eval_overrides_reach_inference(weights, fake_cifar, tmp_path):
     result = runner.invoke(app, ["eval", str(weights), *args, "--skip-kernel", "3"])
     assert result.exit_code == 1
     assert "'layer2.0.shortcut.0.weight' has shape [16, 8, 1, 1] but the architecture needs" in result.stderr
+    # the weights always show the blocks: a different count is named by its flag
     result = runner.invoke(app, ["eval", str(weights), *args, "--blocks", "2", "2"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --blocks: the weights have blocks [1, 1], not [2, 2]\n"
+    result = runner.invoke(app, ["eval", str(weights), *args, "--conv-kernel", "2"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --conv-kernel: must be a positive odd number, got 2\n"
+
+
+def test_eval_notes_weights_that_fit_a_pooling_design_too(weights, fake_cifar, tmp_path):
+    args = ["--data-dir", str(fake_cifar), "--test-subset", "10"]
+    result = runner.invoke(app, ["eval", str(weights), *args])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith("Note: these weights fit a strided and a max-pooling ResNet alike")
+    result = runner.invoke(app, ["eval", str(weights), *args, "--json"])
+    assert len(json.loads(result.stdout)["notes"]) == 1
+    # said explicitly, or shown by the weights (a stage that keeps its width): no note
+    result = runner.invoke(app, ["eval", str(weights), *args, "--downsample", "stride"])
+    assert result.exit_code == 0 and result.stderr == ""
+    torch.manual_seed(0)
+    shown = tmp_path / "pool.pt"
+    pool = Architecture(blocks=(1, 1), channels=(8, 8), downsample="pool")
+    torch.save(build_model(pool).state_dict(), shown)
+    result = runner.invoke(app, ["eval", str(shown), *args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["architecture"]["downsample"] == "pool" and report["notes"] == []
+
+
+def test_eval_refuses_an_unwritable_report_folder_before_evaluating(weights, fake_cifar, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar), "--out", str(blocker)])
     assert result.exit_code == 1
-    assert "missing 'layer1.1.conv1.weight'" in result.stderr
+    assert result.stderr == f"Error: {blocker} is a file; give a folder for the report\n"
+    result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar),
+                                 "--out", str(blocker / "report")])  # fmt: skip
+    assert result.exit_code == 1
+    expected = f"Error: cannot write into {blocker / 'report'}: {blocker} is not a writable folder\n"
+    assert result.stderr == expected
 
 
 def test_eval_refuses_a_pickled_module_and_trust_pickle_loads_it(tmp_path, fake_cifar):

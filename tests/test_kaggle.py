@@ -231,3 +231,36 @@ def test_predict_flag_errors(tmp_path, weights):
                                  "--output", "o.csv"])  # fmt: skip
     assert result.exit_code == 1
     assert result.stderr == f"Error: {tmp_path / 'nope.pkl'}: no such file\n"
+
+
+def test_predict_takes_the_design_of_a_plain_state_dict_from_flags(tmp_path, monkeypatch):
+    """Every stage widens, so strided and pooling designs have the same tensors: the flag decides."""
+    torch.manual_seed(0)
+    arch = Architecture(blocks=(1, 1), channels=(8, 16), downsample="pool")
+    model = build_model(arch).eval()
+    weights = tmp_path / "pool.pt"
+    torch.save(model.state_dict(), weights)
+    source = layout_2024(tmp_path / "t.pkl")
+    monkeypatch.chdir(tmp_path)  # --output defaults to submission.csv here
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--downsample", "pool"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    x = torch.from_numpy(images_chw()).float() / 255
+    x = (x - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = model(x).argmax(1).tolist()
+    assert [int(row[1]) for row in read_csv(tmp_path / "submission.csv")[1:]] == expected
+    # without the flag the weights are read as strided, and a note says so
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", "s.csv"])
+    assert result.exit_code == 0, result.stderr
+    assert "read as strided; if they were trained with downsample = 'pool'" in result.stderr
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--blocks", "2", "1"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --blocks: the weights have blocks [1, 1], not [2, 1]\n"
+
+
+def test_ids_may_be_a_list_of_numpy_scalars(tmp_path):
+    ids = [np.int64(i) for i in range(200, 200 + N)]
+    path = write_pickle(tmp_path / "t.pkl", {b"data": images_chw().reshape(N, 3072), b"ids": ids})
+    got, _ = read_unlabeled(path)
+    assert got == list(range(200, 200 + N)) and all(type(i) is int for i in got)

@@ -192,6 +192,40 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, fake_cifar):
     assert "already holds a run" in result.stderr
 
 
+def test_a_finished_runs_results_are_never_overwritten(tmp_path, fake_cifar):
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    out = tmp_path / "run"
+    train_run(cfg, out_dir=out, data_dir=str(fake_cifar), evaluate_test=False)
+    for name in ("last.pt", "last.pt.sha256"):
+        (out / name).unlink()  # kept best.pt, freed the space of last.pt
+    best = (out / "best.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds a run's results \(best.pt, summary.json, metrics.jsonl\)"):
+        train_run(cfg, out_dir=out, data_dir=str(fake_cifar))
+    assert (out / "best.pt").read_bytes() == best
+
+
+def test_the_recorded_data_root_is_absolute_so_resume_works_elsewhere(tmp_path, fake_cifar, monkeypatch):
+    monkeypatch.chdir(fake_cifar.parent)
+    cfg = tiny_config(tmp_path, "train.epochs=2", f"data.root={fake_cifar.name}")
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train_run(cfg, out_dir=out, on_event=interrupt_after_epoch(1))
+    assert load_config(out / "config.toml").data.root == str(fake_cifar.absolute())
+    monkeypatch.chdir(tmp_path)  # the relative root no longer names the data from here
+    result = train_run(resume=out / "last.pt", handle_signals=False)
+    assert result.epochs_completed == 2
+
+
+def test_an_unavailable_device_is_refused_before_anything_is_written(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    cfg = tiny_config(tmp_path, "train.device=cuda")
+    # no data folder exists either: the device is refused first, and nothing is created
+    with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+        train_run(cfg, out_dir=tmp_path / "run", data_dir=str(tmp_path / "no-data"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.realdata
 def test_tiny_model_learns_real_cifar(tmp_path, real_cifar):
     cfg = tiny_config(
@@ -246,7 +280,8 @@ def test_checkpoints_record_what_exact_resume_depends_on(tmp_path, fake_cifar):
     ],
 )
 def test_epoch_wise_schedules_change_at_epoch_boundaries(schedule, expected):
-    cfg = TrainConfig(epochs=4, lr=1.0, schedule=schedule, milestones=[2], gamma=0.1, t_max=4)
+    t_max = 4 if schedule == "seed" else None
+    cfg = TrainConfig(epochs=4, lr=1.0, schedule=schedule, milestones=[2], gamma=0.1, t_max=t_max)
     lr = LRSchedule(cfg, steps_per_epoch=4)
     for (epoch, step), value in expected.items():
         assert lr.lr_at(epoch, step) == pytest.approx(value), (epoch, step)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar
 
 import typer
 from typer.core import TyperCommand
 
 from cerberus import __version__
-from cerberus.errors import CerberusError
+from cerberus.errors import CerberusError, ConfigError
 
 app = typer.Typer(
     name="cerberus",
@@ -80,6 +82,34 @@ def handle_errors(command):
             raise fail(str(err), err.exit_code) from None
 
     return wrapper
+
+
+# The command-line flag of each setting a command takes as a flag (design fields and the like).
+FLAGS = {
+    "blocks": "--blocks",
+    "channels": "--channels",
+    "conv_kernel": "--conv-kernel",
+    "skip_kernel": "--skip-kernel",
+    "pool_size": "--pool-size",
+    "stem_channels": "--stem-channels",
+    "num_classes": "--num-classes",
+    "downsample": "--downsample",
+    "layout": "--layout",
+}
+
+
+@contextlib.contextmanager
+def naming_flags(given: dict[str, Any]) -> Iterator[None]:
+    """Errors about a setting that came from a flag name the flag rather than the setting.
+
+    ``given`` maps setting names to the flags' values (``None``: not given).
+    """
+    try:
+        yield
+    except ConfigError as err:
+        if err.field in FLAGS and given.get(err.field) is not None:
+            raise ConfigError(f"{FLAGS[err.field]}: {err.detail}") from None
+        raise
 
 
 def emit_json(data: Any) -> None:

@@ -7,18 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors
-
-_FLAG_NAMES = {
-    "blocks": "--blocks",
-    "channels": "--channels",
-    "conv_kernel": "--conv-kernel",
-    "skip_kernel": "--skip-kernel",
-    "pool_size": "--pool-size",
-    "stem_channels": "--stem-channels",
-    "num_classes": "--num-classes",
-    "downsample": "--downsample",
-}
+from cerberus.cli._app import FLAGS, MultiValueCommand, app, console, emit_json, fail, handle_errors
 
 
 @app.command("count-params", cls=MultiValueCommand)
@@ -29,19 +18,26 @@ def count_params_command(
     ] = None,
     blocks: Annotated[list[int] | None, typer.Option(help="Blocks per stage, e.g. --blocks 3 5 3.")] = None,
     channels: Annotated[list[int] | None, typer.Option(help="Width per stage (default: 64 * 2**i).")] = None,
-    conv_kernel: Annotated[int, typer.Option(help="Kernel side F of block convs (odd).")] = 3,
-    skip_kernel: Annotated[int, typer.Option(help="Kernel side K of projection shortcuts.")] = 1,
+    conv_kernel: Annotated[
+        int | None, typer.Option(help="Kernel side F of block convs (odd; default 3).")
+    ] = None,
+    skip_kernel: Annotated[
+        int | None, typer.Option(help="Kernel side K of projection shortcuts (default 1).")
+    ] = None,
     pool_size: Annotated[
         int | None, typer.Option(help="Average-pool size P (default: global pooling).")
     ] = None,
     stem_channels: Annotated[
         int | None, typer.Option(help="Stem width (default: the first stage's width).")
     ] = None,
-    num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
+    num_classes: Annotated[int | None, typer.Option(help="Output classes (default 10).")] = None,
     downsample: Annotated[
-        str,
-        typer.Option(help="How stages halve the map: 'stride' (seed) or 'pool' (max-pool in every stage)."),
-    ] = "stride",
+        str | None,
+        typer.Option(
+            help="How stages halve the map: 'stride' (the seed's, default) or 'pool' (max-pool in "
+            "every stage)."
+        ),
+    ] = None,
     max_params: Annotated[
         int | None, typer.Option(help="Parameter budget (default: 5,000,000 or the config's).")
     ] = None,
@@ -60,37 +56,34 @@ def count_params_command(
       cerberus count-params --blocks 1 1 1 --channels 32 128 128 --downsample pool
       cerberus count-params configs/resnet24.toml --summary
     """
-    from cerberus.arch import Architecture, architecture_problems, summarize
+    from cerberus.arch import DEFAULT_BUDGET, Architecture, architecture_problems, summarize
 
-    flags_given = any(v is not None for v in (blocks, channels, pool_size, stem_channels)) or (
-        conv_kernel,
-        skip_kernel,
-        num_classes,
-        downsample,
-    ) != (3, 1, 10, "stride")
+    design = {
+        "blocks": tuple(blocks) if blocks else None,
+        "channels": tuple(channels) if channels else None,
+        "conv_kernel": conv_kernel,
+        "skip_kernel": skip_kernel,
+        "pool_size": pool_size,
+        "stem_channels": stem_channels,
+        "num_classes": num_classes,
+        "downsample": downsample,
+    }
+    given = {name: value for name, value in design.items() if value is not None}
     if config is not None:
-        if flags_given:
-            raise fail("give either a config file or design flags (--blocks ...), not both", 2)
+        if given:
+            flags = ", ".join(FLAGS[name] for name in given)
+            raise fail(f"give either a config file or design flags ({flags}), not both", 2)
         from cerberus.config import load_config
 
         model = load_config(config, enforce_budget=False).model
         arch, budget = model.architecture(), model.max_params
     else:
-        arch = Architecture(
-            blocks=tuple(blocks) if blocks else (3, 5, 3),
-            channels=tuple(channels) if channels else None,
-            conv_kernel=conv_kernel,
-            skip_kernel=skip_kernel,
-            pool_size=pool_size,
-            stem_channels=stem_channels,
-            num_classes=num_classes,
-            downsample=downsample,
-        )
+        arch = Architecture(**{"blocks": (3, 5, 3), **given})
         problems = architecture_problems(arch)
         if problems:
             name, message = problems[0]
-            raise fail(f"{_FLAG_NAMES[name]}: {message}", 2)
-        budget = 5_000_000
+            raise fail(f"{FLAGS[name]}: {message}", 2)
+        budget = DEFAULT_BUDGET
     if max_params is not None:
         if max_params <= 0:
             raise fail(f"--max-params: must be positive, got {max_params}", 2)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors
+from cerberus.cli._app import MultiValueCommand, app, console, emit_json, handle_errors, naming_flags
 
 TrustPickle = Annotated[
     bool,
@@ -31,6 +31,34 @@ BatchSize = Annotated[
     int | None, typer.Option(help="Images per batch (default: the checkpoint's, else 1000).", min=1)
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress bar).")]
+# What the weights of a plain state_dict cannot show (Cerberus checkpoints record their design)
+Blocks = Annotated[
+    list[int] | None, typer.Option(help="Plain state_dicts: blocks per stage (default: inferred).")
+]
+ConvKernel = Annotated[int | None, typer.Option(help="Plain state_dicts: block conv kernel F.")]
+SkipKernel = Annotated[
+    int | None, typer.Option(help="Plain state_dicts: shortcut kernel K (default: inferred, else 1).")
+]
+PoolSize = Annotated[int | None, typer.Option(help="Plain state_dicts: average-pool size P.")]
+Downsample = Annotated[
+    str | None,
+    typer.Option(help="Plain state_dicts: 'stride' or 'pool' (default: inferred, else stride)."),
+]
+
+
+def _design_overrides(blocks, conv_kernel, skip_kernel, pool_size, downsample) -> dict[str, Any]:
+    return {
+        "blocks": tuple(blocks) if blocks else None,
+        "conv_kernel": conv_kernel,
+        "skip_kernel": skip_kernel,
+        "pool_size": pool_size,
+        "downsample": downsample,
+    }
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        typer.echo(f"Note: {note}", err=True)
 
 
 def _warn_trust(path: Path) -> None:
@@ -43,8 +71,13 @@ def _warn_trust(path: Path) -> None:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, description: str) -> Iterator[Any]:
-    """A rich progress bar on stderr; yields the ``progress(done, total)`` callback (or None)."""
-    if not enabled:
+    """A rich progress bar on stderr; yields the ``progress(done, total)`` callback (or None).
+
+    Only a terminal gets one: piped or redirected, stderr stays free of bar residue.
+    """
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
         yield None
         return
     from rich.console import Console
@@ -139,18 +172,11 @@ def eval_command(
     device: Device = None,
     precision: Precision = None,
     batch_size: BatchSize = None,
-    blocks: Annotated[
-        list[int] | None, typer.Option(help="Plain state_dicts: blocks per stage (default: inferred).")
-    ] = None,
-    conv_kernel: Annotated[int | None, typer.Option(help="Plain state_dicts: block conv kernel F.")] = None,
-    skip_kernel: Annotated[
-        int | None, typer.Option(help="Plain state_dicts: shortcut kernel K (default: inferred, else 1).")
-    ] = None,
-    pool_size: Annotated[int | None, typer.Option(help="Plain state_dicts: average-pool size P.")] = None,
-    downsample: Annotated[
-        str | None,
-        typer.Option(help="Plain state_dicts: 'stride' or 'pool' (default: inferred, else stride)."),
-    ] = None,
+    blocks: Blocks = None,
+    conv_kernel: ConvKernel = None,
+    skip_kernel: SkipKernel = None,
+    pool_size: PoolSize = None,
+    downsample: Downsample = None,
     as_json: AsJson = False,
 ) -> None:
     """Evaluate weights on the CIFAR-10 test set: accuracy, loss, per-class table, confusion matrix.
@@ -167,20 +193,14 @@ def eval_command(
       cerberus eval weights.pt --data-dir data --tta --out eval/
       cerberus eval best.pt --test-subset 1000 --json
     """
-    from cerberus.evaluate import evaluate_checkpoint, write_report
+    from cerberus.evaluate import check_report_dir, evaluate_checkpoint, write_report
 
     if trust_pickle:
         _warn_trust(checkpoint)
-    if downsample not in (None, "stride", "pool"):
-        raise fail(f"--downsample: must be 'stride' or 'pool', got {downsample!r}", 2)
-    overrides = {
-        "blocks": tuple(blocks) if blocks else None,
-        "conv_kernel": conv_kernel,
-        "skip_kernel": skip_kernel,
-        "pool_size": pool_size,
-        "downsample": downsample,
-    }
-    with _progress_bar(not as_json, "evaluating") as progress:
+    if out is not None:
+        check_report_dir(out)
+    overrides = _design_overrides(blocks, conv_kernel, skip_kernel, pool_size, downsample)
+    with naming_flags(overrides), _progress_bar(not as_json, "evaluating") as progress:
         result = evaluate_checkpoint(
             checkpoint,
             data_dir=data_dir,
@@ -199,19 +219,22 @@ def eval_command(
     if as_json:
         emit_json(result)
         return
+    _print_notes(result["notes"])
     _render_eval(result)
     if out is not None:
         console().print(f"wrote {', '.join(result['files'])}")
 
 
-@app.command("predict")
+@app.command("predict", cls=MultiValueCommand)
 @handle_errors
 def predict_command(
     checkpoint: Annotated[Path, typer.Argument(help="A Cerberus checkpoint or a plain state_dict file.")],
     input_path: Annotated[
         Path, typer.Option("--input", help="The Kaggle test pickle (cifar_test_nolabel(s).pkl).")
     ],
-    output: Annotated[Path, typer.Option("--output", help="Submission CSV to write (ID,Labels).")],
+    output: Annotated[Path, typer.Option("--output", help="Submission CSV to write (ID,Labels).")] = Path(
+        "submission.csv"
+    ),
     layout: Annotated[
         str | None,
         typer.Option(help="Pixel order of the input: chw (N x 3072 rows) or hwc (default: from the shape)."),
@@ -225,6 +248,11 @@ def predict_command(
     device: Device = None,
     precision: Precision = None,
     batch_size: BatchSize = None,
+    blocks: Blocks = None,
+    conv_kernel: ConvKernel = None,
+    skip_kernel: SkipKernel = None,
+    pool_size: PoolSize = None,
+    downsample: Downsample = None,
     as_json: AsJson = False,
 ) -> None:
     """Predict the Kaggle test images and write a submission CSV (ID,Labels; labels 0-9).
@@ -236,17 +264,16 @@ def predict_command(
     Examples:
 
     \b
-      cerberus predict runs/resnet24/best.pt --input cifar_test_nolabel.pkl --output submission.csv
+      cerberus predict runs/resnet24/best.pt --input cifar_test_nolabel.pkl
       cerberus predict best.pt --input test.pkl --output sub.csv --tta --probs probs.csv
+      cerberus predict weights.pt --input test.pkl --downsample pool
     """
-    from cerberus.errors import ConfigError
-    from cerberus.kaggle import LAYOUTS, predict_unlabeled
+    from cerberus.kaggle import predict_unlabeled
 
-    if layout is not None and layout not in LAYOUTS:
-        raise ConfigError(f"--layout: choose {' or '.join(LAYOUTS)}, got {layout!r}")
     if trust_pickle:
         _warn_trust(checkpoint)
-    with _progress_bar(not as_json, "predicting") as progress:
+    overrides = _design_overrides(blocks, conv_kernel, skip_kernel, pool_size, downsample)
+    with naming_flags({**overrides, "layout": layout}), _progress_bar(not as_json, "predicting") as progress:
         result = predict_unlabeled(
             checkpoint,
             input_path,
@@ -256,6 +283,7 @@ def predict_command(
             tta=tta,
             use_ema=not no_ema,
             trust_pickle=trust_pickle,
+            overrides=overrides,
             device=device,
             precision=precision,
             batch_size=batch_size,
@@ -264,6 +292,7 @@ def predict_command(
     if as_json:
         emit_json(result)
         return
+    _print_notes(result["notes"])
     out = console()
     views = f", TTA over {result['views']} views" if result["tta"] else ""
     out.print(

@@ -41,7 +41,9 @@ class TrainDisplay:
             f"world size {e['world_size']}"
         )
         out.print(f"run directory: {e['out_dir']}")
-        if e["start_epoch"] or e["start_step"]:
+        if e["start_epoch"] >= e["epochs"]:
+            out.print(f"all {e['epochs']} epochs were already trained; finishing the run")
+        elif e["start_epoch"] or e["start_step"]:
             out.print(f"resuming at epoch {e['start_epoch'] + 1}, step {e['start_step']}")
         if self.quiet:
             return

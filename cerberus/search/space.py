@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cerberus.arch import MAX_STAGES, Architecture
+from cerberus.arch import DEFAULT_BUDGET, MAX_STAGES, Architecture
 from cerberus.config import format_validation_error, read_toml
 from cerberus.errors import ConfigError
 
@@ -74,7 +74,7 @@ class SearchSpace(BaseModel):
         description="How stages halve the map: 'stride' (the seed's) and/or 'pool' (max-pool in "
         "every stage, at most 5 stages; larger stage counts are used with 'stride' only).",
     )
-    max_params: int = Field(default=5_000_000, gt=0, description="Parameter budget.")
+    max_params: int = Field(default=DEFAULT_BUDGET, gt=0, description="Parameter budget.")
     min_params: int = Field(
         default=0, ge=0, description="Enumeration lists only designs with at least this many parameters."
     )
