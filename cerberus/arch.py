@@ -7,10 +7,11 @@ single weight. ``cerberus.model.build_model`` turns an :class:`Architecture` int
 
 Semantics (the seed project's ResNet family):
 
-* input 3x32x32; stem: conv 3x3, stride 1, padding 1, no bias, ``stem_channels`` outputs,
-  then BatchNorm and ReLU;
+* input 3x32x32; stem: conv SxS (``stem_kernel``, 3 by default), stride 1, padding (S-1)//2, no
+  bias, ``stem_channels`` outputs, then BatchNorm and ReLU; an odd S keeps the 32x32 map, an even
+  one leaves 31x31 (``stem_kernel = 2``: the unpadded 2x2 stem of the fastest CIFAR trainers);
 * stage i holds ``blocks[i]`` basic blocks of width ``channels[i]``; the first block of every
-  stage after the first has stride 2 (so the feature map side halves per stage);
+  stage after the first has stride 2 (so the feature map side halves per stage, rounding up);
 * basic block: conv FxF (padding F//2, stride s) - BN - ReLU - conv FxF - BN, plus a shortcut
   that is the identity when s == 1 and widths match, else conv KxK (stride s, padding K//2) - BN;
 * head: average pool with kernel = stride = P, flatten, linear with bias.
@@ -19,9 +20,10 @@ Semantics (the seed project's ResNet family):
 *every* stage, the first included, halves the feature map, and its first block does so by
 max-pooling (2x2, stride 2) after its first conv instead of striding it: conv FxF (stride 1, at the
 incoming resolution) - max-pool - BN - ReLU - conv FxF - BN, plus a shortcut that max-pools the
-input and projects it with conv KxK - BN only when the width changes. The first conv sees the
-full-resolution map (4x the MACs of a strided conv) while everything after it runs at half the
-side. Parameters are counted by the same formulas; only where projections sit and the MACs differ.
+input and projects it with conv KxK - BN only when the width changes (a pool rounds an odd side
+down). The first conv sees the full-resolution map (about 4x the MACs of a strided conv) while
+everything after it runs at half the side. Parameters are counted by the same formulas; only
+where projections sit and the MACs differ.
 
 MACs count the multiply-accumulates of convolutions and the linear layer for one image; BatchNorm,
 ReLU, the residual additions and pooling are left out, as is usual.
@@ -35,7 +37,8 @@ from cerberus.errors import BudgetError, ConfigError
 
 INPUT_SIDE = 32  # CIFAR images are 32x32
 INPUT_CHANNELS = 3
-STEM_KERNEL = 3
+STEM_KERNEL = 3  # the default stem conv side
+MAX_STEM_KERNEL = 7
 DEFAULT_BUDGET = 5_000_000  # parameters: the course's limit
 MAX_STAGES = 6  # 32 -> 16 -> 8 -> 4 -> 2 -> 1: a seventh stage would have nothing to halve
 DOWNSAMPLE_MODES = ("stride", "pool")
@@ -58,6 +61,7 @@ class Architecture:
     stem_channels: int | None = None  # stem conv width; default channels[0]
     num_classes: int = 10
     downsample: str = "stride"  # "stride": stages 2.. stride their first conv; "pool": see above
+    stem_kernel: int = STEM_KERNEL  # S: stem conv side; padding (S-1)//2 (even S: a 31x31 map)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
@@ -79,8 +83,21 @@ class Architecture:
         return self.downsample == "pool"
 
     @property
+    def stem_side(self) -> int:
+        """Side of the stem's output map: 32 for an odd stem kernel, 31 for an even one."""
+        return INPUT_SIDE + 2 * ((self.stem_kernel - 1) // 2) - self.stem_kernel + 1
+
+    def halve(self, side: int) -> int:
+        """A halving stage's output side: a stride-2 conv rounds up, a 2x2 max-pool rounds down."""
+        return side // 2 if self.max_pool_downsampling else (side + 1) // 2
+
+    @property
     def max_stages(self) -> int:
-        return MAX_STAGES - 1 if self.max_pool_downsampling else MAX_STAGES
+        """Most stages the map allows: every halving must leave at least one pixel."""
+        side, stages = self.stem_side, 0 if self.max_pool_downsampling else 1
+        while side > 1:
+            side, stages = self.halve(side), stages + 1
+        return stages
 
     def stage_downsamples(self, stage: int) -> bool:
         """Whether the first block of stage ``stage`` (0-based) halves the feature map."""
@@ -88,11 +105,11 @@ class Architecture:
 
     @property
     def final_side(self) -> int:
-        """Side of the last stage's feature map (each downsampling stage halves, rounding up)."""
-        side = INPUT_SIDE
+        """Side of the last stage's feature map."""
+        side = self.stem_side
         for i in range(len(self.blocks)):
             if self.stage_downsamples(i):
-                side = (side + 1) // 2
+                side = self.halve(side)
         return side
 
     @property
@@ -117,11 +134,13 @@ class Architecture:
         return data
 
     def label(self) -> str:
-        """A compact one-line name, e.g. ``B[3,5,3] C[64,128,256] F3 K1 P8`` (`` maxpool`` added
-        for ``downsample = "pool"``)."""
+        """A compact one-line name, e.g. ``B[3,5,3] C[64,128,256] F3 K1 P8`` (`` S2`` added for a
+        stem kernel other than 3, `` maxpool`` for ``downsample = "pool"``)."""
         blocks = ",".join(map(str, self.blocks))
         widths = ",".join(map(str, self.widths))
         label = f"B[{blocks}] C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool}"
+        if self.stem_kernel != STEM_KERNEL:
+            label += f" S{self.stem_kernel}"
         return label + " maxpool" if self.max_pool_downsampling else label
 
 
@@ -133,12 +152,14 @@ def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:
         return [("blocks", "needs at least one stage")]
     if arch.downsample not in DOWNSAMPLE_MODES:
         return [("downsample", f"must be 'stride' or 'pool', got {arch.downsample!r}")]
+    if not 1 <= arch.stem_kernel <= MAX_STEM_KERNEL:
+        return [("stem_kernel", f"must be 1 to {MAX_STEM_KERNEL}, got {arch.stem_kernel}")]
     if n > arch.max_stages:
         halving = "every stage" if arch.max_pool_downsampling else "each stage after the first"
         problems.append(
             (
                 "blocks",
-                f"{n} stages do not fit a {INPUT_SIDE}-pixel input: {halving} "
+                f"{n} stages do not fit a {arch.stem_side}-pixel map: {halving} "
                 f"halves the feature map, so at most {arch.max_stages} stages",
             )
         )
@@ -206,28 +227,28 @@ def _block_params(arch: Architecture, cin: int, cout: int, halves: bool) -> int:
 
 
 def _stages(arch: Architecture):
-    """Yield ``(stage_index, [(cin, cout, halves, out_side), ...])`` for every stage."""
-    cin, side = arch.stem_width, INPUT_SIDE
+    """Yield ``(stage_index, [(cin, cout, halves, in_side, out_side), ...])`` for every stage."""
+    cin, side = arch.stem_width, arch.stem_side
     for i, (num_blocks, width) in enumerate(zip(arch.blocks, arch.widths)):
         blocks = []
         for j in range(num_blocks):
             halves = j == 0 and arch.stage_downsamples(i)
-            side = (side + 1) // 2 if halves else side
-            blocks.append((cin, width, halves, side))
-            cin = width
+            out_side = arch.halve(side) if halves else side
+            blocks.append((cin, width, halves, side, out_side))
+            cin, side = width, out_side
         yield i, blocks
 
 
 def stage_params(arch: Architecture) -> list[int]:
     """Parameters of each stage (its blocks, shortcuts included)."""
     return [
-        sum(_block_params(arch, cin, cout, halves) for cin, cout, halves, _ in blocks)
+        sum(_block_params(arch, cin, cout, halves) for cin, cout, halves, _, _ in blocks)
         for _, blocks in _stages(arch)
     ]
 
 
 def stem_params(arch: Architecture) -> int:
-    return _conv_bn_params(INPUT_CHANNELS, arch.stem_width, STEM_KERNEL)
+    return _conv_bn_params(INPUT_CHANNELS, arch.stem_width, arch.stem_kernel)
 
 
 def head_params(arch: Architecture) -> int:
@@ -245,10 +266,10 @@ def stage_macs(arch: Architecture) -> list[int]:
     totals = []
     for _, blocks in _stages(arch):
         macs = 0
-        for cin, cout, halves, side in blocks:
+        for cin, cout, halves, in_side, side in blocks:
             pixels = side * side
-            # a pooling block's first conv runs before the pool, at twice the output side
-            first_pixels = 4 * pixels if (halves and arch.max_pool_downsampling) else pixels
+            # a pooling block's first conv runs before the pool, at the incoming side
+            first_pixels = in_side * in_side if (halves and arch.max_pool_downsampling) else pixels
             macs += f2 * cout * (first_pixels * cin + pixels * cout)  # both convs of the block
             if needs_projection(arch, cin, cout, halves):
                 macs += pixels * k2 * cin * cout
@@ -258,7 +279,7 @@ def stage_macs(arch: Architecture) -> list[int]:
 
 def count_macs(arch: Architecture) -> int:
     """Multiply-accumulates of one forward pass of one image (convs and the linear layer)."""
-    stem = INPUT_SIDE * INPUT_SIDE * STEM_KERNEL**2 * INPUT_CHANNELS * arch.stem_width
+    stem = arch.stem_side**2 * arch.stem_kernel**2 * INPUT_CHANNELS * arch.stem_width
     return stem + sum(stage_macs(arch)) + arch.head_features * arch.num_classes
 
 
@@ -287,7 +308,7 @@ def summarize(arch: Architecture, budget: int) -> dict:
                 "stage": i + 1,
                 "blocks": len(blocks),
                 "channels": blocks[0][1],
-                "side": blocks[-1][3],
+                "side": blocks[-1][4],
                 "params": p,
                 "macs": m,
             }
@@ -301,6 +322,7 @@ def summarize(arch: Architecture, budget: int) -> dict:
         "verdict": budget_verdict(params, budget),
         "macs": count_macs(arch),
         "stem_params": stem_params(arch),
+        "stem_side": arch.stem_side,
         "head_params": head_params(arch),
         "stages": stages,
     }

@@ -446,6 +446,10 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
     stem = _weight(state, "conv1.weight")
     if stem.shape[1] != 3:
         raise CheckpointError(f"'conv1.weight' takes {stem.shape[1]} input channels; expected 3 (RGB)")
+    if stem.shape[-1] != stem.shape[-2]:
+        raise CheckpointError(
+            f"'conv1.weight' has a {stem.shape[-2]}x{stem.shape[-1]} kernel; expected a square one"
+        )
     cin = stem.shape[0]
     widths: list[int] = []
     conv_kernels: set[int] = set()
@@ -488,7 +492,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
     if downsample not in DOWNSAMPLE_MODES:
         detail = f"must be 'stride' or 'pool', got {downsample!r}"
         raise ConfigError(f"downsample: {detail}", field="downsample", detail=detail)
-    probe = Architecture(blocks=tuple(blocks), downsample=downsample)
+    probe = Architecture(blocks=tuple(blocks), downsample=downsample, stem_kernel=stem.shape[-1])
     for prefix, i, j, block_in, width, has_projection in shortcuts:
         halves = j == 0 and probe.stage_downsamples(i)
         if has_projection != needs_projection(probe, block_in, width, halves):
@@ -509,6 +513,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
         stem_channels=stem.shape[0],
         num_classes=num_classes,
         downsample=downsample,
+        stem_kernel=stem.shape[-1],
     )
     for name, value in overrides.items():
         if name not in fields:

@@ -65,6 +65,11 @@ class ModelConfig(Section):
             "first conv) or 'pool' (every stage max-pools after its first conv)."
         ),
     )
+    stem_kernel: int = Field(
+        default=3,
+        description="Kernel side S of the stem conv, padding (S-1)//2: 3 keeps the 32x32 map, 2 "
+        "(unpadded) leaves 31x31, as the fastest CIFAR trainers do.",
+    )
     max_params: int = Field(
         default=DEFAULT_BUDGET, gt=0, description="Parameter budget: larger models are refused."
     )
@@ -79,6 +84,7 @@ class ModelConfig(Section):
             stem_channels=self.stem_channels,
             num_classes=self.num_classes,
             downsample=self.downsample,
+            stem_kernel=self.stem_kernel,
         )
 
     @model_validator(mode="after")
@@ -208,6 +214,11 @@ class TrainConfig(Section):
         default=0.25, gt=0, lt=1, description="Fraction of training at which onecycle peaks."
     )
     ema_decay: float = Field(default=0.0, ge=0, lt=1, description="EMA of the weights per step; 0 = off.")
+    whiten_stem: bool = Field(
+        default=False,
+        description="Set the stem conv to patch-whitening filters of the training images (and "
+        "their negatives) and keep it fixed.",
+    )
     grad_clip: float = Field(default=0.0, ge=0, description="Clip gradient norm to this; 0 = off.")
     precision: Precision = Field(
         default="auto", description="Autocast precision; auto picks the fastest the device has."
@@ -271,6 +282,12 @@ class ExperimentConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> ExperimentConfig:
+        if self.train.whiten_stem and self.model.architecture().stem_width < 2:
+            raise ValueError("train.whiten_stem needs a stem of at least 2 channels (model.stem_channels)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for TOML/JSON: fields left at ``None`` are omitted (TOML has no null)."""

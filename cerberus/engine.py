@@ -1,4 +1,4 @@
-"""The training step and its parts: optimizer, learning-rate schedule, weight EMA.
+"""The training step and its parts: optimizer, learning-rate schedule, stem whitening, weight EMA.
 
 Everything random or time-dependent in a step is a pure function of ``(seed, epoch, step)``: the
 batch order (:func:`cerberus.data.batch_indices`), the augmentation (:func:`cerberus.data.step_generator`)
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cerberus.augment import Augmenter
+from cerberus.augment import Augmenter, normalize
 from cerberus.config import TrainConfig
 from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
@@ -100,6 +100,65 @@ class LRSchedule:
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+
+# --------------------------------------------------------------------------------------------
+# Stem whitening
+
+WHITEN_IMAGES = 5000  # images whose patches estimate the covariance (enough for 27 dimensions)
+WHITEN_EPS = 5e-4  # added to the eigenvalues, so that near-empty directions are not blown up
+
+
+@torch.no_grad()
+def whitening_filters(
+    images: torch.Tensor,
+    kernel: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    chunk: int = 500,
+) -> torch.Tensor:
+    """Patch-whitening filters, (3 * kernel**2, 3, kernel, kernel), strongest direction first.
+
+    Row i is ``v_i / sqrt(lambda_i + eps)`` for the eigenpairs of the covariance of every
+    ``kernel x kernel`` patch of the normalised ``images`` (uint8, at most :data:`WHITEN_IMAGES`
+    of them, read ``chunk`` at a time so that memory stays small): convolving with all of them
+    makes the patches' covariance the identity.
+    """
+    images = images[:WHITEN_IMAGES]
+    dim = 3 * kernel * kernel
+    total = torch.zeros(dim, dtype=torch.float64)
+    outer = torch.zeros(dim, dim, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(images), chunk):
+        x = normalize(images[start : start + chunk].cpu(), mean, std)
+        patches = F.unfold(x, kernel).transpose(1, 2).reshape(-1, dim).double()  # (N * L, dim)
+        total += patches.sum(0)
+        outer += patches.T @ patches
+        count += len(patches)
+    centred = total / count
+    covariance = outer / count - torch.outer(centred, centred)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    order = eigenvalues.argsort(descending=True)
+    filters = eigenvectors[:, order].T / torch.sqrt(eigenvalues[order].clamp(min=0) + WHITEN_EPS)[:, None]
+    return filters.reshape(dim, 3, kernel, kernel).float()
+
+
+@torch.no_grad()
+def whiten_stem_(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Set the stem conv (``model.conv1``) to patch-whitening filters and freeze it.
+
+    With ``n`` output channels the stem gets the ``min(n // 2, 3 * S**2)`` strongest whitening
+    filters and their negatives (so that the ReLU after it keeps both signs); any channels left
+    over keep their initial weights. The weights then stay fixed (``requires_grad = False``), as
+    in the fastest CIFAR trainers; the BatchNorm after the stem still learns.
+    """
+    conv = model.conv1
+    filters = whitening_filters(images, conv.kernel_size[0], mean, std)
+    k = min(conv.out_channels // 2, len(filters))
+    conv.weight[:k] = filters[:k].to(conv.weight)
+    conv.weight[k : 2 * k] = -filters[:k].to(conv.weight)
+    conv.weight.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cerberus.arch import INPUT_CHANNELS, STEM_KERNEL, Architecture, check_architecture
+from cerberus.arch import INPUT_CHANNELS, Architecture, check_architecture
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
@@ -59,7 +59,8 @@ class ResNet(nn.Module):
         self.arch = arch
         self.num_stages = len(arch.blocks)
         stem = arch.stem_width
-        self.conv1 = conv(INPUT_CHANNELS, stem, STEM_KERNEL)
+        k = arch.stem_kernel  # padding (k-1)//2: an even kernel leaves a 31x31 map
+        self.conv1 = nn.Conv2d(INPUT_CHANNELS, stem, k, padding=(k - 1) // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         cin = stem
         for i, (num_blocks, width) in enumerate(zip(arch.blocks, arch.widths)):

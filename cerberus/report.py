@@ -21,6 +21,9 @@ def params_table(summary: dict[str, Any]) -> Table:
     """Per-part parameters and MACs of :func:`cerberus.arch.summarize`'s result."""
     arch = summary["architecture"]
     kind = ", max-pool downsampling" if arch.get("downsample") == "pool" else ""
+    stem_kernel = arch.get("stem_kernel", 3)
+    if stem_kernel != 3:
+        kind += f", {stem_kernel}x{stem_kernel} stem"
     table = Table(title=f"ResNet {arch['blocks']} x {arch['channels']}{kind}", title_justify="left")
     table.add_column("part")
     table.add_column("blocks", justify="right")
@@ -28,7 +31,10 @@ def params_table(summary: dict[str, Any]) -> Table:
     table.add_column("output", justify="right")
     table.add_column("params", justify="right")
     table.add_column("MACs", justify="right")
-    table.add_row("stem", "", str(arch["stem_channels"]), "32x32", f"{summary['stem_params']:,}", "")
+    stem_side = summary["stem_side"]
+    table.add_row(
+        "stem", "", str(arch["stem_channels"]), f"{stem_side}x{stem_side}", f"{summary['stem_params']:,}", ""
+    )
     for stage in summary["stages"]:
         side = stage["side"]
         table.add_row(

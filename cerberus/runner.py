@@ -36,7 +36,7 @@ from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.data import load_cifar10, make_splits, resolve_data_root
 from cerberus.device import Placement, resolve_placement, tune_backends
 from cerberus.distributed import DistContext
-from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
+from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
 from cerberus.errors import CerberusError, ConfigError, DivergenceError, Interrupted
 from cerberus.evaluate import classification_report, predict_logits
 from cerberus.files import atomic_write, run_lock
@@ -182,6 +182,8 @@ class Run:
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         random.seed(cfg.seed)
         model = build_model(cfg.model.architecture()).to(device, memory_format=self.placement.memory_format)
+        if cfg.train.whiten_stem:  # from the training split only; the same on every rank
+            whiten_stem_(model, self.splits.train_images, cfg.data.mean, cfg.data.std)
         if cfg.train.sync_bn:
             model = self.dist.convert_sync_bn(model)
         self.model = model

@@ -27,18 +27,26 @@ RESNET24 = Architecture(blocks=(3, 5, 3), channels=(64, 128, 256))
 RESNET18 = Architecture(blocks=(2, 2, 2, 2), channels=(64, 128, 256, 512))
 
 
-def final_side(num_stages: int) -> int:
-    side = 32
-    for _ in range(num_stages - 1):
-        side = (side + 1) // 2
-    return side
+def sides(num_stages: int, downsample: str, stem_kernel: int) -> list[int]:
+    """The stem's output side, then each stage's: a stride-2 conv rounds an odd side up, a 2x2
+    max-pool rounds it down; an even stem kernel (padding (S-1)//2) leaves 31 pixels."""
+    side = 32 if stem_kernel % 2 else 31
+    out = [side]
+    for i in range(num_stages):
+        if downsample == "pool":
+            side //= 2
+        elif i > 0:
+            side = (side + 1) // 2
+        out.append(side)
+    return out
 
 
 def random_design(rng: random.Random) -> Architecture:
     """A small, sound design drawn from the whole design space (kept small so building is fast)."""
-    num_stages = rng.randint(1, 5)
     downsample = rng.choice(("stride", "pool"))
-    side = final_side(num_stages) if downsample == "stride" else 32 >> num_stages
+    stem_kernel = rng.choice((1, 2, 3, 3, 5))
+    num_stages = rng.randint(1, 4 if downsample == "pool" and stem_kernel == 2 else 5)
+    side = sides(num_stages, downsample, stem_kernel)[-1]
     return Architecture(
         downsample=downsample,
         blocks=tuple(rng.randint(1, 4) for _ in range(num_stages)),
@@ -48,6 +56,7 @@ def random_design(rng: random.Random) -> Architecture:
         pool_size=rng.choice([None] + [d for d in range(1, side + 1) if side % d == 0]),
         stem_channels=rng.choice((None, rng.randint(4, 32))),
         num_classes=rng.randint(2, 20),
+        stem_kernel=stem_kernel,
     )
 
 
@@ -173,6 +182,28 @@ def test_pool_downsampling_reference_counts() -> None:
     assert POOLED.label() == "B[1,1,1] C[32,128,128] F3 K1 P4 maxpool"
 
 
+def test_an_unpadded_2x2_stem_reference_counts() -> None:
+    small = Architecture(
+        blocks=(1, 1, 1), channels=(32, 128, 128), stem_channels=24, downsample="pool", stem_kernel=2
+    )
+    # the stem loses 24 * 3 * (9 - 4) weights; the map is 31 -> 15 -> 7 -> 3
+    assert count_params(small) == 503_322 == built_params(small)
+    # stem 31^2*4*3*24 = 276,768; conv1s at 31, 15, 7: 31^2*9*24*32 + 15^2*9*32*128 + 7^2*9*128*128;
+    # conv2s at 15, 7, 3; projections 15^2*24*32 + 7^2*32*128; head 1,280
+    assert count_macs(small) == 33_439_776 == measured_macs(small)
+    assert small.stem_side == 31 and small.final_side == 3 and small.pool == 3
+    summary = summarize(small, 5_000_000)
+    assert summary["stem_side"] == 31 and [s["side"] for s in summary["stages"]] == [15, 7, 3]
+    assert small.label() == "B[1,1,1] C[32,128,128] F3 K1 P3 S2 maxpool"
+    model = build_model(small)
+    assert model.conv1.kernel_size == (2, 2) and model.conv1.padding == (0, 0)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # strided stages round an odd side up: 31 -> 16 -> 8
+    strided = Architecture(blocks=(1, 1, 1), channels=(8, 16, 32), stem_kernel=2)
+    assert [s["side"] for s in summarize(strided, 5_000_000)["stages"]] == [31, 16, 8]
+    assert count_macs(strided) == measured_macs(strided) and strided.max_stages == 6
+
+
 def test_pool_downsampling_blocks_pool_instead_of_striding() -> None:
     model = build_model(POOLED)
     first = model.layer1[0]
@@ -272,7 +303,7 @@ def test_stem_width_differing_from_stage_one_gives_a_projection() -> None:
             Architecture(blocks=(1,) * 7),
             (
                 "blocks",
-                "7 stages do not fit a 32-pixel input: each stage after the first halves the "
+                "7 stages do not fit a 32-pixel map: each stage after the first halves the "
                 "feature map, so at most 6 stages",
             ),
         ),
@@ -280,14 +311,22 @@ def test_stem_width_differing_from_stage_one_gives_a_projection() -> None:
             Architecture(blocks=(1,) * 6, downsample="pool"),
             (
                 "blocks",
-                "6 stages do not fit a 32-pixel input: every stage halves the feature map, so at "
-                "most 5 stages",
+                "6 stages do not fit a 32-pixel map: every stage halves the feature map, so at most 5 stages",
             ),
         ),
         (
             Architecture(downsample="avg"),
             ("downsample", "must be 'stride' or 'pool', got 'avg'"),
         ),
+        (
+            Architecture(blocks=(1,) * 5, downsample="pool", stem_kernel=2),
+            (
+                "blocks",
+                "5 stages do not fit a 31-pixel map: every stage halves the feature map, so at most 4 stages",
+            ),
+        ),
+        (Architecture(stem_kernel=0), ("stem_kernel", "must be 1 to 7, got 0")),
+        (Architecture(stem_kernel=8), ("stem_kernel", "must be 1 to 7, got 8")),
         (Architecture(blocks=(3, 0, 3)), ("blocks", "every stage needs at least 1 block, got [3, 0, 3]")),
         (Architecture(blocks=()), ("blocks", "needs at least one stage")),
         (Architecture(channels=(64, 0, 256)), ("channels", "widths must be positive, got [64, 0, 256]")),

@@ -368,10 +368,12 @@ def test_newer_checkpoint_format_is_refused():
 
 def random_design(rng: random.Random) -> Architecture:
     stages = rng.randint(1, 5)
-    side = 32
+    stem_kernel = rng.choice([1, 2, 3, 3, 5])
+    side = 32 if stem_kernel % 2 else 31  # an even stem kernel leaves 31x31
     for _ in range(stages - 1):
         side = (side + 1) // 2
     return Architecture(
+        stem_kernel=stem_kernel,
         blocks=tuple(rng.randint(1, 2) for _ in range(stages)),
         channels=tuple(rng.choice([2, 4, 6, 8]) for _ in range(stages)),
         conv_kernel=rng.choice([1, 3, 5]),
@@ -413,7 +415,9 @@ def test_inference_of_pooling_designs(tmp_path):
     images = torch.randn(1, 3, 32, 32)
     for trial in range(12):
         arch = random_design(rng)
-        arch = Architecture(**{**arch.__dict__, "downsample": "pool", "pool_size": None, "skip_kernel": 1})
+        stem_kernel = arch.stem_kernel if len(arch.blocks) < 5 else 3  # 31 pixels: 4 pooling stages
+        changes = {"downsample": "pool", "pool_size": None, "skip_kernel": 1, "stem_kernel": stem_kernel}
+        arch = Architecture(**{**arch.__dict__, **changes})
         model = tiny_model(trial, arch).eval()
         path = tmp_path / f"pooled{trial}.pt"
         torch.save(model.state_dict(), path)

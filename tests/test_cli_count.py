@@ -193,7 +193,7 @@ def test_pool_downsampling_flag(runner: CliRunner) -> None:
         (["--downsample", "avg"], "Error: --downsample: must be 'stride' or 'pool', got 'avg'"),
         (
             ["--blocks", "1", "1", "1", "1", "1", "1", "--downsample", "pool"],
-            "Error: --blocks: 6 stages do not fit a 32-pixel input: every stage halves",
+            "Error: --blocks: 6 stages do not fit a 32-pixel map: every stage halves",
         ),
     ],
 )

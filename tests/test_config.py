@@ -267,7 +267,7 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"model": {"downsample": "avg"}}, "model.downsample: Input should be 'stride' or 'pool'"),
         (
             {"model": {"blocks": [1] * 6, "downsample": "pool"}},
-            "model: blocks: 6 stages do not fit a 32-pixel input: every stage halves",
+            "model: blocks: 6 stages do not fit a 32-pixel map: every stage halves",
         ),
     ],
 )

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from cerberus.augment import normalize
 from cerberus.cli import app
 from cerberus.config import TrainConfig, load_config
-from cerberus.engine import LRSchedule
+from cerberus.data import load_cifar10, make_splits
+from cerberus.engine import LRSchedule, whitening_filters
 from cerberus.errors import ConfigError, DivergenceError, Interrupted
 from cerberus.runner import train_run
 
@@ -431,3 +434,46 @@ def test_a_pooling_design_trains_and_its_checkpoint_evaluates_to_the_summary(tmp
     assert report["architecture"]["downsample"] == "pool"
     assert report["accuracy"] == summary["test_accuracy"]
     assert report["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Stem whitening
+
+
+def test_whitening_filters_make_the_patch_covariance_the_identity():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (300, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    # correlated pixels: neighbours and channels share a common component
+    images = ((base.float() + base.roll(1, dims=3).float() + base[:, :1].float()) / 3).to(torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for kernel in (2, 3):
+        filters = whitening_filters(images, kernel, mean, std, chunk=70)
+        assert filters.shape == (3 * kernel**2, 3, kernel, kernel)
+        out = F.conv2d(normalize(images, mean, std), filters).permute(0, 2, 3, 1).reshape(-1, len(filters))
+        covariance = torch.cov(out.double().T)
+        # identity up to the eps added to each eigenvalue (lambda / (lambda + eps) per direction)
+        assert torch.allclose(covariance, torch.eye(len(filters), dtype=torch.float64), atol=0.02)
+        strengths = filters.flatten(1).norm(dim=1)  # 1 / sqrt(lambda + eps): weakest direction last
+        assert torch.all(strengths[1:] >= strengths[:-1] * (1 - 1e-5))
+
+
+def test_a_whitened_stem_stays_fixed_and_resumes_exactly(tmp_path, fake_cifar):
+    cfg = tiny_config(
+        tmp_path, "model.stem_channels=6", "model.stem_kernel=2", "train.whiten_stem=true", "train.epochs=2"
+    )
+    full = train_run(cfg, out_dir=tmp_path / "full", data_dir=str(fake_cifar), evaluate_test=False)
+    stem = weights(full.out_dir / "last.pt")["conv1.weight"]
+    assert stem.shape == (6, 3, 2, 2)
+    data = load_cifar10(fake_cifar)
+    splits = make_splits(data, cfg.data)
+    filters = whitening_filters(splits.train_images, 2, cfg.data.mean, cfg.data.std)
+    assert torch.equal(stem[:3], filters[:3]) and torch.equal(stem[3:], -filters[:3])  # never trained
+    with pytest.raises(Interrupted):
+        train_run(cfg, out_dir=tmp_path / "cut", data_dir=str(fake_cifar), on_event=interrupt_at(2, 2))
+    train_run(resume=tmp_path / "cut" / "last.pt", evaluate_test=False)
+    assert_bitwise_equal(weights(full.out_dir / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
+
+
+def test_whiten_stem_needs_two_stem_channels(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.whiten_stem needs a stem of at least 2 channels"):
+        tiny_config(tmp_path, "model.stem_channels=1", "train.whiten_stem=true")

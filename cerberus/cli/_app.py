@@ -92,6 +92,7 @@ FLAGS = {
     "skip_kernel": "--skip-kernel",
     "pool_size": "--pool-size",
     "stem_channels": "--stem-channels",
+    "stem_kernel": "--stem-kernel",
     "num_classes": "--num-classes",
     "downsample": "--downsample",
     "layout": "--layout",

@@ -30,6 +30,10 @@ def count_params_command(
     stem_channels: Annotated[
         int | None, typer.Option(help="Stem width (default: the first stage's width).")
     ] = None,
+    stem_kernel: Annotated[
+        int | None,
+        typer.Option(help="Stem conv side S (default 3; 2 is unpadded and leaves a 31x31 map)."),
+    ] = None,
     num_classes: Annotated[int | None, typer.Option(help="Output classes (default 10).")] = None,
     downsample: Annotated[
         str | None,
@@ -53,7 +57,7 @@ def count_params_command(
     \b
       cerberus count-params --blocks 3 5 3
       cerberus count-params --blocks 2 2 2 2 --channels 64 128 256 512 --json
-      cerberus count-params --blocks 1 1 1 --channels 32 128 128 --downsample pool
+      cerberus count-params --blocks 1 1 1 --channels 32 128 128 --downsample pool --stem-kernel 2
       cerberus count-params configs/resnet24.toml --summary
     """
     from cerberus.arch import DEFAULT_BUDGET, Architecture, architecture_problems, summarize
@@ -65,6 +69,7 @@ def count_params_command(
         "skip_kernel": skip_kernel,
         "pool_size": pool_size,
         "stem_channels": stem_channels,
+        "stem_kernel": stem_kernel,
         "num_classes": num_classes,
         "downsample": downsample,
     }

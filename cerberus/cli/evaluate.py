@@ -111,6 +111,11 @@ def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _design_marks(arch: dict[str, Any]) -> str:
+    stem = f" S{arch['stem_kernel']}" if arch.get("stem_kernel", 3) != 3 else ""
+    return stem + (" maxpool" if arch.get("downsample") == "pool" else "")
+
+
 def _render_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -119,7 +124,7 @@ def _render_eval(result: dict[str, Any]) -> None:
     out.print(
         f"{result['checkpoint']}: {result['params']:,} parameters, {result['weights']} weights "
         f"(B{arch['blocks']} C{arch['channels']} F{arch['conv_kernel']} K{arch['skip_kernel']} "
-        f"P{arch['pool_size']}{' maxpool' if arch.get('downsample') == 'pool' else ''})"
+        f"P{arch['pool_size']}{_design_marks(arch)})"
     )
     views = f", TTA over {result['views']} views" if result["tta"] else ""
     out.print(

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cerberus.arch import Architecture
+from cerberus.arch import STEM_KERNEL, Architecture
 from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.errors import CerberusError
 from cerberus.files import atomic_write
@@ -36,6 +36,8 @@ def design_slug(arch: Architecture) -> str:
     blocks = "-".join(map(str, arch.blocks))
     widths = "-".join(map(str, arch.widths))
     slug = f"b{blocks}_c{widths}_f{arch.conv_kernel}k{arch.skip_kernel}p{arch.pool}s{arch.stem_width}"
+    if arch.stem_kernel != STEM_KERNEL:
+        slug += f"_stem{arch.stem_kernel}"
     return slug + "_maxpool" if arch.max_pool_downsampling else slug
 
 
