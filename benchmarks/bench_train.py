@@ -176,7 +176,7 @@ def loop(args) -> None:
     from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, AugmentConfig, TrainConfig, load_config
     from cerberus.data import load_cifar10, step_generator
     from cerberus.device import resolve_placement
-    from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer
+    from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
     from cerberus.model import build_model
 
     if args.config:
@@ -204,6 +204,8 @@ def loop(args) -> None:
 
     torch.manual_seed(0)
     model = build_model(arch).to(device, memory_format=mf)
+    if args.config and exp.train.whiten_stem:  # a fixed stem: no gradient for it on either side
+        whiten_stem_(model, images, mean, std)
     bare_model = copy.deepcopy(model)
     trainer = Trainer(
         model=model,
