@@ -446,10 +446,6 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
     stem = _weight(state, "conv1.weight")
     if stem.shape[1] != 3:
         raise CheckpointError(f"'conv1.weight' takes {stem.shape[1]} input channels; expected 3 (RGB)")
-    if stem.shape[-1] != stem.shape[-2]:
-        raise CheckpointError(
-            f"'conv1.weight' has a {stem.shape[-2]}x{stem.shape[-1]} kernel; expected a square one"
-        )
     cin = stem.shape[0]
     widths: list[int] = []
     conv_kernels: set[int] = set()
@@ -493,6 +489,11 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], **overrides: Any) ->
         detail = f"must be 'stride' or 'pool', got {downsample!r}"
         raise ConfigError(f"downsample: {detail}", field="downsample", detail=detail)
     probe = Architecture(blocks=tuple(blocks), downsample=downsample, stem_kernel=stem.shape[-1])
+    if len(blocks) > probe.max_stages:
+        raise CheckpointError(
+            f"the weights have {len(blocks)} stages, more than the {probe.max_stages} that fit the "
+            f"{probe.stem_side}x{probe.stem_side} map of their stem with downsample={downsample!r}"
+        )
     for prefix, i, j, block_in, width, has_projection in shortcuts:
         halves = j == 0 and probe.stage_downsamples(i)
         if has_projection != needs_projection(probe, block_in, width, halves):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from cerberus.arch import DEFAULT_BUDGET, Architecture, architecture_problems, check_budget
 
@@ -28,6 +28,17 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DEVICES: tuple[str, ...] = get_args(Device)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether the config is read back from a checkpoint (see :func:`config_from_dict`)."""
+    return bool(info.context and info.context.get("stored"))
+
+
+def _model_replaced(info: ValidationInfo) -> bool:
+    """Whether [model] is a placeholder that search trials replace (see :func:`config_from_dict`)."""
+    return bool(info.context and info.context.get("model_replaced"))
+
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the seed project's normalisation constants
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -178,7 +189,9 @@ class AugmentConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> AugmentConfig:
+    def _check(self, info: ValidationInfo) -> AugmentConfig:
+        if _stored(info):
+            return self
         if self.mix_prob < 1 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
             raise ValueError("mix_prob applies to mixup and cutmix: set mixup_alpha or cutmix_alpha too")
         return self
@@ -217,7 +230,7 @@ class TrainConfig(Section):
     whiten_stem: bool = Field(
         default=False,
         description="Set the stem conv to patch-whitening filters of the training images (and "
-        "their negatives) and keep it fixed.",
+        "their negatives) and keep it fixed; needs an even stem_channels of at most 6 * S**2.",
     )
     grad_clip: float = Field(default=0.0, ge=0, description="Clip gradient norm to this; 0 = off.")
     precision: Precision = Field(
@@ -251,11 +264,13 @@ class TrainConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
+    def _check(self, info: ValidationInfo) -> TrainConfig:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
         if self.milestones != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ValueError(f"milestones must be positive and increasing, got {self.milestones}")
+        if _stored(info):
+            return self
         # settings the chosen schedule or optimizer would silently ignore are refused
         if self.milestones and self.schedule not in ("step", "seed"):
             raise ValueError(
@@ -284,9 +299,16 @@ class ExperimentConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _check_sections(self) -> ExperimentConfig:
-        if self.train.whiten_stem and self.model.architecture().stem_width < 2:
-            raise ValueError("train.whiten_stem needs a stem of at least 2 channels (model.stem_channels)")
+    def _check_sections(self, info: ValidationInfo) -> ExperimentConfig:
+        if self.train.whiten_stem and not _model_replaced(info):
+            arch = self.model.architecture()
+            most = 2 * 3 * arch.stem_kernel**2  # every patch direction and its negative
+            if arch.stem_width % 2 or not 2 <= arch.stem_width <= most:
+                raise ValueError(
+                    f"train.whiten_stem fills the stem with whitening filters and their negatives: "
+                    f"it needs an even number of stem channels from 2 to {most} (for stem_kernel = "
+                    f"{arch.stem_kernel}), got {arch.stem_width}; set model.stem_channels"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -369,14 +391,22 @@ def config_from_dict(
     source: str = "config",
     enforce_budget: bool = True,
     set_by: dict[str, str] | None = None,
+    stored: bool = False,
+    model_replaced: bool = False,
 ) -> ExperimentConfig:
     """Validate plain data into a config; the budget is checked too unless told otherwise.
 
-    ``set_by`` (dotted key -> ``--set`` text) marks the errors of overridden values.
+    ``set_by`` (dotted key -> ``--set`` text) marks the errors of overridden values. ``stored``
+    marks a config read back from a checkpoint: the checks that refuse settings an earlier
+    version accepted and ignored (milestones with onecycle, say) are skipped, so that its
+    checkpoints still evaluate and resume. ``model_replaced`` marks the base of search trials,
+    whose [model] each trial replaces: checks of other sections against the model wait for the
+    trial's own config.
     """
     try:
         # strict: TOML values are typed, so "30" for epochs or ["3"] for blocks is a mistake
-        config = ExperimentConfig.model_validate(data, strict=True)
+        context = {"stored": stored, "model_replaced": model_replaced}
+        config = ExperimentConfig.model_validate(data, strict=True, context=context)
     except ValidationError as err:
         raise ConfigError(f"{source}: invalid config\n{format_validation_error(err, set_by)}") from None
     if not enforce_budget:

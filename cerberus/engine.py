@@ -22,7 +22,7 @@ from cerberus.augment import Augmenter, normalize
 from cerberus.config import TrainConfig
 from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
-from cerberus.errors import DivergenceError
+from cerberus.errors import ConfigError, DivergenceError
 
 # --------------------------------------------------------------------------------------------
 # Optimizer and schedule
@@ -148,14 +148,19 @@ def whitening_filters(
 def whiten_stem_(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
     """Set the stem conv (``model.conv1``) to patch-whitening filters and freeze it.
 
-    With ``n`` output channels the stem gets the ``min(n // 2, 3 * S**2)`` strongest whitening
-    filters and their negatives (so that the ReLU after it keeps both signs); any channels left
-    over keep their initial weights. The weights then stay fixed (``requires_grad = False``), as
-    in the fastest CIFAR trainers; the BatchNorm after the stem still learns.
+    With ``n`` output channels (even, at most ``2 * 3 * S**2``; the config checks) the stem gets
+    the ``n // 2`` strongest whitening filters and their negatives, so that the ReLU after it
+    keeps both signs. The weights then stay fixed (``requires_grad = False``), as in the fastest
+    CIFAR trainers; the BatchNorm after the stem still learns.
     """
     conv = model.conv1
     filters = whitening_filters(images, conv.kernel_size[0], mean, std)
-    k = min(conv.out_channels // 2, len(filters))
+    k = conv.out_channels // 2
+    if conv.out_channels % 2 or k > len(filters):
+        raise ConfigError(
+            f"a whitened stem needs an even number of channels, at most {2 * len(filters)}; "
+            f"got {conv.out_channels}"
+        )
     conv.weight[:k] = filters[:k].to(conv.weight)
     conv.weight[k : 2 * k] = -filters[:k].to(conv.weight)
     conv.weight.requires_grad_(False)

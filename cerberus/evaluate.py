@@ -421,7 +421,7 @@ def prepare_inference(
     model, info = load_model(path, trust_pickle=trust_pickle, use_ema=use_ema, overrides=overrides)
     config = None
     if info["config"] is not None:
-        config = config_from_dict(info["config"], source=str(path), enforce_budget=False)
+        config = config_from_dict(info["config"], source=str(path), enforce_budget=False, stored=True)
     data_cfg = config.data if config is not None else DataConfig()
     placement = eval_placement(config, device, precision)  # a device this machine lacks: say so now
     if batch_size is None:

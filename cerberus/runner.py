@@ -624,7 +624,7 @@ def train_run(
                 f"{resume} holds the best epoch's weights only; resume from "
                 f"{resume.with_name('last.pt')}, which holds the whole training state"
             )
-        config = config_from_dict(ckpt["config"], source=str(resume))
+        config = config_from_dict(ckpt["config"], source=str(resume), stored=True)
         out_dir = resume.parent
         recorded = config.data.root
         if data_dir is None and recorded is not None and not Path(recorded).expanduser().is_dir():

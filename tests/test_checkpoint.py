@@ -440,6 +440,15 @@ def test_pooling_is_inferred_where_the_weights_show_it():
         infer_architecture(tiny_model(0, shown).state_dict(), downsample="stride")
 
 
+def test_too_many_pooling_stages_for_the_stem_are_named():
+    strided = Architecture(blocks=(1,) * 5, channels=(4, 8, 8, 8, 8), stem_kernel=2)
+    state = tiny_model(0, strided).state_dict()
+    assert infer_architecture(state).to_dict() == strided.to_dict()
+    message = r"the weights have 5 stages, more than the 4 that fit the 31x31 map of their stem"
+    with pytest.raises(CheckpointError, match=message):
+        infer_architecture(state, downsample="pool")
+
+
 def test_skip_kernel_default_and_override_without_projections():
     arch = Architecture(blocks=(2,), channels=(8,), skip_kernel=3)
     state = tiny_model(0, arch).state_dict()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cerberus.arch import Architecture
 from cerberus.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
 from cerberus.cli import app
-from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, ExperimentConfig
+from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, ExperimentConfig, config_from_dict
 from cerberus.data import CLASSES, load_cifar10
 from cerberus.device import Placement
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
@@ -273,6 +273,21 @@ def test_evaluation_of_a_cerberus_checkpoint_uses_its_config(tmp_path, fake_cifa
     assert result["accuracy"] == expected["accuracy"]
     assert result["loss"] == expected["loss"]
     assert result["confusion_matrix"] == expected["confusion_matrix"]
+
+
+def test_a_checkpoint_whose_config_an_earlier_version_accepted_still_evaluates(tmp_path, fake_cifar):
+    # settings that earlier versions accepted and ignored, and that new configs refuse
+    stored = {
+        "model": {"blocks": [1, 1], "channels": [8, 16]},
+        "data": {"test_subset": 20},
+        "train": {"device": "cpu", "schedule": "onecycle", "milestones": [2], "eval_batch_size": 10},
+    }
+    with pytest.raises(ConfigError, match="milestones apply to the step and seed schedules"):
+        config_from_dict(stored)
+    assert config_from_dict(stored, stored=True).train.milestones == [2]
+    path = cerberus_checkpoint(tmp_path / "old.pt", config=stored)
+    result = evaluate_checkpoint(path, data_dir=fake_cifar)
+    assert result["images"] == 20
 
 
 def test_confusion_plot_writes_a_png(tmp_path):

@@ -330,12 +330,14 @@ class FakeTrainer:
         self.accuracies = accuracies
         self.interrupt_on = interrupt_on
         self.configs = []
+        self.out_dirs = []
         self.epochs_run = []
 
     def __call__(self, config, *, out_dir, data_dir, on_event, evaluate_test, save_checkpoints, **_):
         assert not evaluate_test and not save_checkpoints and not config.train.test_every_epoch
         call = len(self.configs)
         self.configs.append(config)
+        self.out_dirs.append(Path(out_dir))
         if call == self.interrupt_on:
             raise KeyboardInterrupt
         epochs, best = config.train.epochs, 0.0
@@ -473,6 +475,26 @@ def test_ctrl_c_stops_cleanly_and_the_study_continues(tmp_path) -> None:
     assert sorted(r.state for r in result.leaderboard) == ["complete", "failed"]
     result, _ = trials(tmp_path, FakeTrainer(), n=1)
     assert not result.interrupted and len(result.leaderboard) == 3
+
+
+def test_studies_sharing_an_output_folder_keep_their_trials_apart(tmp_path) -> None:
+    trainer = FakeTrainer()
+    trials(tmp_path, trainer, n=1, study_name="first")
+    trials(tmp_path, trainer, n=1, study_name="second/run")
+    folder = tmp_path / "search" / "trials"
+    assert trainer.out_dirs == [folder / "first-0000", folder / "second_run-0000"]
+
+
+def test_a_design_the_base_settings_do_not_suit_is_rejected_not_fatal(tmp_path) -> None:
+    # whiten_stem needs an even stem: width 5 cannot have one, width 8 can
+    space = {**TINY_SPACE, "base_width": [5, 8], "blocks": [1, 1]}
+    trainer = FakeTrainer()
+    overrides = ["train.epochs=2", "train.whiten_stem=true"]
+    result, _ = trials(tmp_path, trainer, n=6, space=space, overrides=overrides, pruner="none")
+    widths = {r.design["channels"][0]: r for r in result.leaderboard}
+    assert widths.keys() == {5, 8}
+    assert widths[5].state == "rejected" and "whiten_stem" in widths[5].note
+    assert all(c.model.architecture().stem_width == 8 for c in trainer.configs)
 
 
 def test_trial_config_refusals(tmp_path) -> None:

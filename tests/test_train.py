@@ -474,6 +474,13 @@ def test_a_whitened_stem_stays_fixed_and_resumes_exactly(tmp_path, fake_cifar):
     assert_bitwise_equal(weights(full.out_dir / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
 
 
-def test_whiten_stem_needs_two_stem_channels(tmp_path):
-    with pytest.raises(ConfigError, match=r"train.whiten_stem needs a stem of at least 2 channels"):
-        tiny_config(tmp_path, "model.stem_channels=1", "train.whiten_stem=true")
+@pytest.mark.parametrize(
+    "stem,kernel,most", [("1", "3", 54), ("7", "3", 54), ("56", "3", 54), ("26", "2", 24), ("8", "1", 6)]
+)
+def test_whiten_stem_needs_an_even_stem_that_whitening_fills(tmp_path, stem, kernel, most):
+    overrides = (f"model.stem_channels={stem}", f"model.stem_kernel={kernel}", "train.whiten_stem=true")
+    with pytest.raises(ConfigError, match=rf"even number of stem channels from 2 to {most} .* got {stem};"):
+        tiny_config(tmp_path, *overrides)
+    tiny_config(
+        tmp_path, f"model.stem_channels={most}", f"model.stem_kernel={kernel}", "train.whiten_stem=true"
+    )

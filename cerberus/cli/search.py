@@ -314,7 +314,7 @@ def search_command(
       cerberus search configs/search-space.toml --json --write-configs found/
       cerberus search configs/search-space.toml --trials 20 --set train.epochs=5
     """
-    from cerberus.config import load_config, read_toml
+    from cerberus.config import config_from_dict, read_toml
     from cerberus.search import load_space
 
     if top < 0:
@@ -328,8 +328,8 @@ def search_command(
         space = space.with_budget(max_params, min_params)
     base = None
     if config is not None:
-        load_config(config, enforce_budget=False)  # refuse a bad base before any work
-        base = read_toml(config)
+        base = read_toml(config)  # a bad base is refused before any work (its model is replaced)
+        config_from_dict(base, source=str(config), enforce_budget=False, model_replaced=True)
     if trials is None:
         trial_only = {
             "--storage": storage is not None,

@@ -13,6 +13,7 @@ The study and its storage: :mod:`cerberus.search.study`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def trial_base(
     data = apply_overrides(base or {}, [f"train.epochs={epochs}", *overrides])
     data.setdefault("train", {})["test_every_epoch"] = False
     set_by = override_keys(list(overrides))
-    config = config_from_dict(data, source="trial config", enforce_budget=False, set_by=set_by)
+    config = config_from_dict(
+        data, source="trial config", enforce_budget=False, set_by=set_by, model_replaced=True
+    )
     if config.data.val_size == 0:
         raise ConfigError(
             "trial config: data.val_size is 0, but trials are ranked by validation accuracy "
@@ -87,6 +90,11 @@ def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
     return fam.architecture(blocks), True
 
 
+def trial_folder(study_name: str, number: int) -> str:
+    """``<study>-0007``: studies sharing an output folder keep their trials apart."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', study_name)}-{number:04d}"
+
+
 class _Objective:
     """One Optuna trial: draw a design, refuse it if over budget, train it, report each epoch."""
 
@@ -110,6 +118,9 @@ class _Objective:
         except BudgetError as err:
             trial.set_user_attr("rejected", f"over budget: {err}")
             raise optuna.TrialPruned(f"rejected before training: {err}") from None
+        except ConfigError as err:  # the base's settings do not suit this design (whiten_stem)
+            trial.set_user_attr("rejected", f"invalid config: {err}")
+            raise optuna.TrialPruned(f"rejected before training: {err}") from None
         self.emit(
             {
                 "event": "trial_start",
@@ -124,7 +135,7 @@ class _Objective:
         try:
             result = self.train_fn(
                 config,
-                out_dir=self.out_dir / "trials" / f"{trial.number:04d}",
+                out_dir=self.out_dir / "trials" / trial_folder(trial.study.study_name, trial.number),
                 data_dir=self.data_dir,
                 on_event=lambda event: self.on_run_event(trial, progress, event),
                 evaluate_test=False,
