@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from cerberus.arch import STEM_KERNEL
 from cerberus.errors import CerberusError
 
 if TYPE_CHECKING:
@@ -21,8 +22,8 @@ def params_table(summary: dict[str, Any]) -> Table:
     """Per-part parameters and MACs of :func:`cerberus.arch.summarize`'s result."""
     arch = summary["architecture"]
     kind = ", max-pool downsampling" if arch.get("downsample") == "pool" else ""
-    stem_kernel = arch.get("stem_kernel", 3)
-    if stem_kernel != 3:
+    stem_kernel = arch.get("stem_kernel", STEM_KERNEL)
+    if stem_kernel != STEM_KERNEL:
         kind += f", {stem_kernel}x{stem_kernel} stem"
     table = Table(title=f"ResNet {arch['blocks']} x {arch['channels']}{kind}", title_justify="left")
     table.add_column("part")

@@ -111,20 +111,15 @@ def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _design_marks(arch: dict[str, Any]) -> str:
-    stem = f" S{arch['stem_kernel']}" if arch.get("stem_kernel", 3) != 3 else ""
-    return stem + (" maxpool" if arch.get("downsample") == "pool" else "")
-
-
 def _render_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from cerberus.arch import Architecture
+
     out = console()
-    arch = result["architecture"]
+    label = Architecture(**result["architecture"]).label()
     out.print(
-        f"{result['checkpoint']}: {result['params']:,} parameters, {result['weights']} weights "
-        f"(B{arch['blocks']} C{arch['channels']} F{arch['conv_kernel']} K{arch['skip_kernel']} "
-        f"P{arch['pool_size']}{_design_marks(arch)})"
+        f"{result['checkpoint']}: {result['params']:,} parameters, {result['weights']} weights ({label})"
     )
     views = f", TTA over {result['views']} views" if result["tta"] else ""
     out.print(
