@@ -45,6 +45,7 @@ SMALL_SPACE = {
     "pool_size": [0, 2, 16],
     "stem_channels": [0, 5],
     "downsample": ["stride", "pool"],
+    "stem_kernel": [3, 2],
     "max_params": 9_000,
     "min_params": 1_000,
 }
@@ -55,21 +56,25 @@ def brute_force(space: SearchSpace) -> list[tuple[Architecture, int, int]]:
     designs = {}
     for n in space.stage_counts():
         ranges = [range(lo, hi + 1) for lo, hi in space.block_ranges(n)]
-        for widths, f, k, pool, stem, mode, blocks in itertools.product(
+        for widths, f, k, pool, stem, mode, s, blocks in itertools.product(
             space.widths(n),
             space.conv_kernel,
             space.skip_kernel,
             space.pool_size,
             space.stem_channels,
             space.downsample,
+            space.stem_kernel,
             itertools.product(*ranges),
         ):
-            if n > (5 if mode == "pool" else 6):
+            # pooling: at most 5 stages from a 32x32 stem map, 4 from an even stem's 31x31
+            if n > (6 if mode == "stride" else 5 if s % 2 else 4):
                 continue
-            side = Architecture(blocks=(1,) * n, downsample=mode).final_side
+            side = Architecture(blocks=(1,) * n, downsample=mode, stem_kernel=s).final_side
             if pool and side % pool:
                 continue
-            arch = Architecture(blocks, widths, f, k, pool or side, stem or widths[0], downsample=mode)
+            arch = Architecture(
+                blocks, widths, f, k, pool or side, stem or widths[0], downsample=mode, stem_kernel=s
+            )
             designs[arch] = (arch, count_params(arch), count_macs(arch))
     return list(designs.values())
 
@@ -98,6 +103,11 @@ def test_default_space_covers_the_seed_exploration() -> None:
         ({"downsample": ["avg"]}, "downsample.0: Input should be 'stride' or 'pool'"),
         ({"conv_kernel": [2]}, "positive odd numbers"),
         ({"pool_size": [3]}, "[3] divide(s) no final feature map side"),
+        ({"stem_kernel": [3, 8]}, "stem_kernel: sides must be 1-7, got [3, 8]"),
+        (
+            {"stages": [5], "downsample": ["pool"], "stem_kernel": [2]},
+            "do not fit downsample ['pool'] and stem_kernel [2] (at most 4 with 'pool' and stem 2)",
+        ),
         ({"channels": [[8, 16]], "base_width": [8]}, "not both"),
         ({"channels": [[8, 0]]}, "one positive width per stage"),
         ({"max_params": 10, "min_params": 10}, "must be below max_params"),
@@ -132,8 +142,9 @@ def test_linear_costs_equal_arch_counts_on_random_designs() -> None:
     rng = random.Random(0)
     for _ in range(300):
         n = rng.randint(1, 6)
-        mode = "stride" if n == 6 else rng.choice(("stride", "pool"))
-        side = Architecture(blocks=(1,) * n, downsample=mode).final_side
+        s = rng.randint(1, 7)
+        mode = "stride" if n > (5 if s % 2 else 4) else rng.choice(("stride", "pool"))
+        side = Architecture(blocks=(1,) * n, downsample=mode, stem_kernel=s).final_side
         fam = search._family(
             tuple(rng.randint(1, 200) for _ in range(n)),
             rng.choice((1, 3, 5, 7)),
@@ -141,6 +152,7 @@ def test_linear_costs_equal_arch_counts_on_random_designs() -> None:
             rng.choice([d for d in range(1, side + 1) if side % d == 0]),
             rng.randint(1, 100),
             mode,
+            s,
         )
         blocks = [rng.randint(1, 20) for _ in range(n)]
         arch = fam.architecture(blocks)
@@ -172,7 +184,7 @@ def test_enumeration_equals_brute_force(monkeypatch, chunk, sort) -> None:
 def test_pooling_designs_keep_to_five_stages() -> None:
     space = space_from_dict({"stages": [5, 6], "blocks": [1, 2], "base_width": [4], "growth": [1.0]})
     both = space.with_budget().model_copy(update={"downsample": ["stride", "pool"]})
-    assert both.modes(6) == ["stride"] and both.modes(5) == ["stride", "pool"]
+    assert both.geometries(6) == [("stride", 3)] and both.geometries(5) == [("stride", 3), ("pool", 3)]
     assert count_designs(both) == count_designs(space) + 2**5
     pooled = [
         c.architecture
@@ -180,6 +192,30 @@ def test_pooling_designs_keep_to_five_stages() -> None:
         if c.architecture.max_pool_downsampling
     ]
     assert len(pooled) == 2**5 and all(len(a.blocks) == 5 and a.final_side == 1 for a in pooled)
+
+
+def test_an_even_stem_allows_one_pooling_stage_fewer() -> None:
+    # 31x31 after an unpadded 2x2 stem: pooling stages give 15, 7, 3, 1 (4 stages); striding
+    # ones (all but the first) 31, 16, 8, 4, 2, 1 (6)
+    space = space_from_dict(
+        {"stages": [4, 5], "blocks": [1, 2], "base_width": [4], "growth": [1.0], "stem_kernel": [3, 2]}
+    ).model_copy(update={"downsample": ["stride", "pool"]})
+    assert space.geometries(5) == [("stride", 3), ("stride", 2), ("pool", 3)]
+    assert space.geometries(4) == [("stride", 3), ("stride", 2), ("pool", 3), ("pool", 2)]
+    assert space.stem_kernels("pool") == [3, 2]
+    assert space.pools(4, ("pool", 2)) == [1] and space.pools(4, ("pool", 3)) == [2]
+    assert space.pools(4, ("stride", 2)) == [4] and space.pools(5, ("stride", 2)) == [2]
+    # 2**4 designs per stride geometry and pooling geometry at 4 stages, 2**5 at 5 but none pooled from 31
+    assert count_designs(space) == 4 * 2**4 + 3 * 2**5
+    listed = [c.architecture for c in enumerate_designs(space, top=10_000).candidates]
+    assert len(listed) == len(set(listed)) == 4 * 2**4 + 3 * 2**5
+    even = [a for a in listed if a.stem_kernel == 2]
+    assert {(len(a.blocks), a.downsample, a.final_side) for a in even} == {
+        (4, "pool", 1),
+        (4, "stride", 4),
+        (5, "stride", 2),
+    }
+    assert space.model_copy(update={"stages": [5]}).stem_kernels("pool") == [3]
 
 
 def test_block_ranges_are_cut_to_the_budget_before_counting() -> None:
@@ -219,6 +255,7 @@ def test_default_space_within_five_million() -> None:
         "pool_size": 4,
         "stem_channels": 16,
         "downsample": "stride",
+        "stem_kernel": 3,
         "params": 4_999_898,
         "macs": 138_855_680,
     }
@@ -440,6 +477,33 @@ def test_trials_draw_only_what_some_design_allows(tmp_path, extra, modes) -> Non
     result, _ = trials(tmp_path, trainer, n=4, space=space, pruner="none")
     assert [r.state for r in result.leaderboard] == ["complete"] * 4
     assert {c.model.downsample for c in trainer.configs} == set(modes)
+
+
+def test_trials_draw_stem_kernels_only_where_they_fit(tmp_path) -> None:
+    # pooling 4 stages from an even stem's 31x31 map leaves 1x1, so a pool size of 2 fits only
+    # the odd stem there; striding fits both stems
+    space = {
+        **TINY_SPACE,
+        "stages": [4],
+        "blocks": [1, 1],
+        "base_width": [2],
+        "growth": [1.0],
+        "pool_size": [2],
+        "stem_kernel": [3, 2],
+        "downsample": ["stride", "pool"],
+    }
+    assert space_from_dict(space).stem_kernels("pool") == [3]
+    assert space_from_dict(space).stem_kernels("stride") == [3, 2]
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=12, space=space, pruner="none")
+    assert [r.state for r in result.leaderboard] == ["complete"] * 12
+    drawn = {(c.model.downsample, c.model.stem_kernel) for c in trainer.configs}
+    assert drawn == {("stride", 3), ("stride", 2), ("pool", 3)}
+    for config in trainer.configs:
+        arch = config.model.architecture()
+        assert arch.final_side % arch.pool == 0
+    even = next(r for r in result.leaderboard if r.design["stem_kernel"] == 2)
+    assert "S2" in even.label
 
 
 def test_designs_over_the_budget_never_train(tmp_path) -> None:

@@ -43,7 +43,7 @@ def candidates_table(enumeration):
         f"{enumeration.max_params:,}-parameter budget (by {enumeration.sort})",
         title_justify="left",
     )
-    for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "stem", "down"):
+    for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "S", "stem", "down"):
         table.add_column(name, justify="left" if name in ("blocks", "channels", "down") else "right")
     for rank, c in enumerate(enumeration.candidates, start=1):
         a = c.architecture
@@ -56,6 +56,7 @@ def candidates_table(enumeration):
             str(a.conv_kernel),
             str(a.skip_kernel),
             str(a.pool),
+            str(a.stem_kernel),
             str(a.stem_width),
             a.downsample,
         )

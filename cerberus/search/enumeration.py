@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cerberus.arch import MAX_STAGES, Architecture, count_macs, count_params
+from cerberus.arch import MAX_STAGES, STEM_KERNEL, Architecture, count_macs, count_params
 from cerberus.errors import ConfigError
 from cerberus.search.space import SearchSpace
 
@@ -44,6 +44,7 @@ class _Family:
     pool_size: int
     stem_channels: int
     downsample: str
+    stem_kernel: int
     const_params: int
     coef_params: tuple[int, ...]
     const_macs: int
@@ -58,17 +59,24 @@ class _Family:
             pool_size=self.pool_size,
             stem_channels=self.stem_channels,
             downsample=self.downsample,
+            stem_kernel=self.stem_kernel,
         )
 
 
 def _family(
-    widths: tuple[int, ...], f: int, k: int, pool: int, stem: int, downsample: str = "stride"
+    widths: tuple[int, ...],
+    f: int,
+    k: int,
+    pool: int,
+    stem: int,
+    downsample: str = "stride",
+    stem_kernel: int = STEM_KERNEL,
 ) -> _Family:
     """Linear cost coefficients from arch's own counts at blocks (1,..,1) and each e_i + 1."""
     n = len(widths)
 
     def costs(blocks: tuple[int, ...]) -> tuple[int, int]:
-        arch = Architecture(blocks, widths, f, k, pool, stem, downsample=downsample)
+        arch = Architecture(blocks, widths, f, k, pool, stem, downsample=downsample, stem_kernel=stem_kernel)
         return count_params(arch), count_macs(arch)
 
     ones_params, ones_macs = costs((1,) * n)
@@ -84,6 +92,7 @@ def _family(
         pool,
         stem,
         downsample,
+        stem_kernel,
         ones_params - sum(coef_params),
         tuple(coef_params),
         ones_macs - sum(coef_macs),
@@ -91,19 +100,20 @@ def _family(
     )
 
 
-def _family_keys(space: SearchSpace) -> Iterator[tuple[tuple[int, ...], int, int, int, int, str]]:
-    """Every distinct (widths, F, K, pool, stem, downsample) combination, defaults resolved."""
+def _family_keys(space: SearchSpace) -> Iterator[tuple[tuple[int, ...], int, int, int, int, str, int]]:
+    """Every distinct (widths, F, K, pool, stem, downsample, stem kernel) combination, defaults
+    resolved."""
     seen = set()
     for n in space.stage_counts():
-        for mode in space.modes(n):
+        for geometry in space.geometries(n):
             for widths, f, k, pool, stem in itertools.product(
                 space.widths(n),
                 space.conv_kernel,
                 space.skip_kernel,
-                space.pools(n, mode),
+                space.pools(n, geometry),
                 space.stem_channels,
             ):
-                key = (widths, f, k, pool, stem or widths[0], mode)
+                key = (widths, f, k, pool, stem or widths[0], *geometry)
                 if key not in seen:
                     seen.add(key)
                     yield key
@@ -157,6 +167,7 @@ class Candidate:
             "pool_size",
             "stem_channels",
             "downsample",
+            "stem_kernel",
         )
         return {**{key: arch[key] for key in keys}, "params": self.params, "macs": self.macs}
 

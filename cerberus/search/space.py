@@ -8,28 +8,43 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cerberus.arch import DEFAULT_BUDGET, MAX_STAGES, Architecture
+from cerberus.arch import DEFAULT_BUDGET, MAX_STAGES, MAX_STEM_KERNEL, STEM_KERNEL, Architecture
 from cerberus.config import format_validation_error, read_toml
 from cerberus.errors import ConfigError
 
 MAX_BLOCKS = 256  # blocks per stage a space may ask for (a 256-block stage is already absurd)
 
+# What fixes the feature-map sides of a design: its way of downsampling and its stem kernel
+# (an even stem leaves 31x31). Stage limits and usable pool sizes depend on both.
+Geometry = tuple[str, int]  # (downsample, stem_kernel)
+DEFAULT_GEOMETRY: Geometry = ("stride", STEM_KERNEL)
 
-def final_side(num_stages: int, downsample: str = "stride") -> int:
+
+def final_side(num_stages: int, downsample: str = "stride", stem_kernel: int = STEM_KERNEL) -> int:
     """Side of the last stage's feature map for a 32x32 input (see cerberus.arch)."""
-    return Architecture(blocks=(1,) * num_stages, downsample=downsample).final_side
+    arch = Architecture(blocks=(1,) * num_stages, downsample=downsample, stem_kernel=stem_kernel)
+    return arch.final_side
 
 
-def stages_limit(downsample: str) -> int:
-    """The most stages a 32x32 input allows with this way of downsampling."""
-    return Architecture(downsample=downsample).max_stages
+def stages_limit(downsample: str, stem_kernel: int = STEM_KERNEL) -> int:
+    """The most stages a 32x32 input allows with this way of downsampling and stem."""
+    return Architecture(downsample=downsample, stem_kernel=stem_kernel).max_stages
+
+
+def geometry_suffix(geometry: Geometry) -> str:
+    """'' for the seed's geometry, else e.g. '_pool', '_s2', '_pool_s2' (Optuna parameter names)."""
+    mode, stem_kernel = geometry
+    return ("" if mode == "stride" else f"_{mode}") + (
+        "" if stem_kernel == STEM_KERNEL else f"_s{stem_kernel}"
+    )
 
 
 class SearchSpace(BaseModel):
     """A Cartesian product of designs, read from TOML (all keys optional, unknown keys errors).
 
     The default covers what the seed project explored: 3 and 4 stages, 1-16 blocks per stage,
-    base widths 16-128 doubling per stage, 3x3 convs, 1x1 shortcuts, global pooling.
+    base widths 16-128 doubling per stage, 3x3 convs, 1x1 shortcuts, global pooling, the 3x3
+    stem, strided downsampling.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +89,12 @@ class SearchSpace(BaseModel):
         description="How stages halve the map: 'stride' (the seed's) and/or 'pool' (max-pool in "
         "every stage, at most 5 stages; larger stage counts are used with 'stride' only).",
     )
+    stem_kernel: list[int] = Field(
+        default=[STEM_KERNEL],
+        min_length=1,
+        description=f"Stem conv sides S, 1-{MAX_STEM_KERNEL}; an even S is unpadded and leaves a "
+        "31x31 map (2 = the fastest CIFAR trainers' stem), which allows one stage fewer with 'pool'.",
+    )
     max_params: int = Field(default=DEFAULT_BUDGET, gt=0, description="Parameter budget.")
     min_params: int = Field(
         default=0, ge=0, description="Enumeration lists only designs with at least this many parameters."
@@ -93,10 +114,13 @@ class SearchSpace(BaseModel):
         counts = self.stage_counts() if not problems else self.stages
         if any(n < 1 or n > MAX_STAGES for n in counts):
             problems.append(f"stages: each count must be 1-{MAX_STAGES}, got {sorted(set(counts))}")
-        elif not any(self.modes(n) for n in counts):
+        elif any(s < 1 or s > MAX_STEM_KERNEL for s in self.stem_kernel):
+            problems.append(f"stem_kernel: sides must be 1-{MAX_STEM_KERNEL}, got {self.stem_kernel}")
+        elif not any(self.geometries(n) for n in counts):
+            limits = ", ".join(f"{stages_limit(*g)} with {g[0]!r} and stem {g[1]}" for g in self.geometries())
             problems.append(
-                f"stages: {sorted(set(counts))} do not fit downsample {self.downsample} (pooling in "
-                f"every stage allows at most {stages_limit('pool')})"
+                f"stages: {sorted(set(counts))} do not fit downsample {self.downsample} and stem_kernel "
+                f"{self.stem_kernel} (at most {limits})"
             )
         problems += self._check_blocks(counts)
         if min(self.base_width) < 1:
@@ -114,7 +138,7 @@ class SearchSpace(BaseModel):
         if min(self.pool_size) < 0:
             problems.append(f"pool_size: must be 0 (global) or positive, got {self.pool_size}")
         elif not problems:
-            sides = {final_side(n, mode) for n in counts for mode in self.modes(n)}
+            sides = {final_side(n, *g) for n in counts for g in self.geometries(n)}
             unused = [p for p in self.pool_size if p and not any(s % p == 0 for s in sides)]
             if unused:
                 problems.append(
@@ -141,24 +165,32 @@ class SearchSpace(BaseModel):
             return [f"blocks: {len(self.blocks)} ranges given but designs have up to {max(counts)} stages"]
         return []
 
-    def stage_counts(self, downsample: str | None = None) -> list[int]:
-        """The distinct numbers of stages, in the order first given; with ``downsample``, only
-        those it allows that also have a usable pool size."""
+    def stage_counts(self, geometry: Geometry | None = None) -> list[int]:
+        """The distinct numbers of stages, in the order first given; with a ``(downsample,
+        stem_kernel)`` geometry, only those it allows that also have a usable pool size."""
         if self.channels is not None:
             counts = list(dict.fromkeys(len(c) for c in self.channels))
         else:
             counts = list(dict.fromkeys(self.stages))
-        if downsample is None:
+        if geometry is None:
             return counts
-        return [n for n in counts if n <= stages_limit(downsample) and self.pools(n, downsample)]
+        return [n for n in counts if n <= stages_limit(*geometry) and self.pools(n, geometry)]
+
+    def geometries(self, num_stages: int | None = None) -> list[Geometry]:
+        """Every ``(downsample, stem_kernel)`` pair of the space; with ``num_stages``, those that
+        allow that many stages."""
+        pairs = [(m, s) for m in dict.fromkeys(self.downsample) for s in dict.fromkeys(self.stem_kernel)]
+        if num_stages is None:
+            return pairs
+        return [g for g in pairs if num_stages <= stages_limit(*g)]
 
     def usable_modes(self) -> list[str]:
-        """The ways of downsampling that some stage count and pool size of the space allow."""
-        return [m for m in dict.fromkeys(self.downsample) if self.stage_counts(m)]
+        """The ways of downsampling that some stem, stage count and pool size of the space allow."""
+        return list(dict.fromkeys(m for m, s in self.geometries() if self.stage_counts((m, s))))
 
-    def modes(self, num_stages: int) -> list[str]:
-        """The ways of downsampling usable with ``num_stages`` stages."""
-        return [m for m in dict.fromkeys(self.downsample) if num_stages <= stages_limit(m)]
+    def stem_kernels(self, downsample: str) -> list[int]:
+        """The stem sides usable with ``downsample`` (some stage count and pool size fit)."""
+        return [s for m, s in self.geometries() if m == downsample and self.stage_counts((m, s))]
 
     def block_ranges(self, num_stages: int) -> list[tuple[int, int]]:
         """Inclusive ``(min, max)`` blocks of each stage of an ``num_stages``-stage design."""
@@ -178,9 +210,9 @@ class SearchSpace(BaseModel):
             ]
         return list(dict.fromkeys(options))
 
-    def pools(self, num_stages: int, downsample: str = "stride") -> list[int]:
+    def pools(self, num_stages: int, geometry: Geometry = DEFAULT_GEOMETRY) -> list[int]:
         """Pool sizes (resolved: 0 becomes the final side) usable with ``num_stages`` stages."""
-        side = final_side(num_stages, downsample)
+        side = final_side(num_stages, *geometry)
         return list(dict.fromkeys(p or side for p in self.pool_size if side % (p or side) == 0))
 
     def with_budget(self, max_params: int | None = None, min_params: int | None = None) -> SearchSpace:

@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cerberus.arch import Architecture, count_macs, count_params
+from cerberus.arch import STEM_KERNEL, Architecture, count_macs, count_params
 from cerberus.config import apply_overrides, config_from_dict, override_keys
 from cerberus.errors import BudgetError, ConfigError, DivergenceError, Interrupted
 from cerberus.search.enumeration import _family
 from cerberus.search.results import SearchResult, TrialRecord, design_config, study_pareto, write_results
-from cerberus.search.space import SearchSpace
+from cerberus.search.space import SearchSpace, geometry_suffix
 from cerberus.search.study import PrunerName, default_storage, leaderboard, open_study, trial_record
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -59,11 +59,15 @@ def trial_base(
 
 def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
     """Draw a design; block ranges narrow to what the budget leaves. ``(design, fits)``."""
-    # Parameters whose choices depend on the way of downsampling get their own names, as
-    # Optuna needs one fixed set of choices per name.
+    # Parameters whose choices depend on the map's geometry (the way of downsampling and the
+    # stem kernel) get their own names, as Optuna needs one fixed set of choices per name.
     mode = trial.suggest_categorical("downsample", space.usable_modes())
-    suffix = "" if mode == "stride" else f"_{mode}"
-    n = trial.suggest_categorical(f"stages{suffix}", space.stage_counts(mode))
+    stem_kernel = trial.suggest_categorical(
+        f"stem_kernel{geometry_suffix((mode, STEM_KERNEL))}", space.stem_kernels(mode)
+    )
+    geometry = (mode, stem_kernel)
+    suffix = geometry_suffix(geometry)
+    n = trial.suggest_categorical(f"stages{suffix}", space.stage_counts(geometry))
     if space.channels is not None:
         options = {"-".join(map(str, w)): w for w in space.widths(n)}
         widths = options[trial.suggest_categorical(f"channels_{n}", list(options))]
@@ -73,9 +77,9 @@ def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
         widths = tuple(max(1, round(base * growth**i)) for i in range(n))
     f = trial.suggest_categorical("conv_kernel", space.conv_kernel)
     k = trial.suggest_categorical("skip_kernel", space.skip_kernel)
-    pool = trial.suggest_categorical(f"pool_size_{n}{suffix}", space.pools(n, mode))
+    pool = trial.suggest_categorical(f"pool_size_{n}{suffix}", space.pools(n, geometry))
     stem = trial.suggest_categorical("stem_channels", space.stem_channels) or widths[0]
-    fam = _family(widths, f, k, pool, stem, mode)
+    fam = _family(widths, f, k, pool, stem, *geometry)
     ranges = space.block_ranges(n)
     # Budget left for stage i = max - const - chosen stages before i - the minimum of those after.
     spent = fam.const_params + sum(lo * a for (lo, _), a in zip(ranges, fam.coef_params))
