@@ -11,8 +11,8 @@ the first ``--images`` test images, the two sides alternating, ``--reps`` times 
   ``ToTensor`` + ``Normalize``, batches of 100, fp32 NCHW, ``torch.no_grad()`` (the loader's
   start-up is timed too, as the seed paid it on every evaluation);
 * ours: :func:`cerberus.evaluate.predict_logits` on the in-memory uint8 images, with the placement
-  ``auto`` resolves on this machine and the default eval batch size (1,000), as the training run
-  and ``cerberus eval`` use it.
+  ``auto`` resolves on this machine (on the CPU in fp32: channels_last for inference) and the
+  default eval batch size (1,000), as the training run and ``cerberus eval`` use it.
 
 ``--layouts`` adds ours in NCHW (``channels_last=False``) to show what the layout alone gives.
 The logits of the two sides are compared (max abs difference, argmax agreement).
@@ -77,11 +77,15 @@ def main() -> None:
 
         return run
 
+    def label(placement: Placement) -> str:
+        layout = "channels_last" if placement.inference_layout else "NCHW"
+        return f"ours ({placement.device.type} {placement.precision} {layout})"
+
     auto = resolve_placement(args.device)
-    sides = {"seed": seed_side, f"ours ({auto.describe()})": ours(auto)}
+    sides = {"seed": seed_side, label(auto): ours(auto)}
     if args.layouts:
         nchw = Placement(auto.device, auto.precision, channels_last=False)
-        sides[f"ours ({nchw.describe()})"] = ours(nchw)
+        sides[label(nchw)] = ours(nchw)
     times: dict[str, list[float]] = {name: [] for name in sides}
     outputs: dict[str, torch.Tensor] = {}
     for rep in range(args.reps):

@@ -238,7 +238,9 @@ class TrainConfig(Section):
     )
     device: Device = Field(default="auto", description="Device.")
     channels_last: bool | None = Field(
-        default=None, description="channels_last memory format. Default: on where it is faster."
+        default=None,
+        description="channels_last memory format. Default: on where it is faster (CUDA, bf16/fp16; "
+        "on the CPU in fp32 for evaluation only).",
     )
     compile: bool = Field(default=False, description="torch.compile the model (opt-in).")
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = torch's default.")

@@ -5,9 +5,11 @@
   fp16 with a gradient scaler on GPUs with fp16 but no bf16; fp32 otherwise.
 * channels_last (NHWC) for the convolutions on CUDA and wherever a reduced precision is used
   (cuDNN and oneDNN pick their fastest kernels for it), unless the config says otherwise. On the
-  CPU in fp32 NHWC was measured 1.15-1.75x faster on an AVX2-only EPYC (benchmarks/RESULTS.md),
-  but oneDNN crashed natively on some very narrow designs there, so it stays opt-in
-  (``train.channels_last = true``) for fp32 on the CPU.
+  CPU in fp32 NHWC trained 1.15-1.75x faster on an AVX2-only EPYC (benchmarks/RESULTS.md), but
+  oneDNN's backward pass hung there on some very narrow strided designs (2-4 channels), so for
+  training it stays opt-in (``train.channels_last = true``) in fp32 on the CPU. Inference (forward
+  only, no such problem found) uses NHWC on the CPU whenever the layout is left to ``auto``:
+  1.3x the images/s of NCHW for ResNet-24 there.
 """
 
 from __future__ import annotations
@@ -75,27 +77,44 @@ def resolve_precision(name: str, device: torch.device, *, source: str = "train.p
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _layout(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "NCHW"
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast precision, memory layout."""
 
     device: torch.device
     precision: str  # "fp32" | "bf16" | "fp16"
-    channels_last: bool
+    channels_last: bool  # the layout for training
+    inference_channels_last: bool | None = None  # the layout for forward-only passes; None: the same
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def inference_layout(self) -> bool:
+        """Whether forward-only passes (evaluation, prediction) run in channels_last."""
+        return self.channels_last if self.inference_channels_last is None else self.inference_channels_last
+
+    @property
+    def inference_memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.inference_layout else torch.contiguous_format
+
+    def describe(self) -> str:
+        """E.g. ``cpu fp32 NCHW (inference channels_last)``."""
+        text = f"{self.device.type} {self.precision} {_layout(self.channels_last)}"
+        if self.inference_layout != self.channels_last:
+            text += f" (inference {_layout(self.inference_layout)})"
+        return text
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast for the forward pass (a no-op context in fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
-
-    def describe(self) -> str:
-        layout = "channels_last" if self.channels_last else "NCHW"
-        return f"{self.device.type} {self.precision} {layout}"
 
 
 def resolve_placement(
@@ -108,9 +127,10 @@ def resolve_placement(
     """Resolve the config's ``auto`` choices for this machine; ``sources`` name the two settings."""
     dev = resolve_device(device, source=sources[0])
     prec = resolve_precision(precision, dev, source=sources[1])
-    if channels_last is None:
-        channels_last = prec != "fp32" or dev.type == "cuda"
-    return Placement(dev, prec, channels_last)
+    if channels_last is not None:
+        return Placement(dev, prec, channels_last, channels_last)
+    train_layout = prec != "fp32" or dev.type == "cuda"
+    return Placement(dev, prec, train_layout, train_layout or dev.type == "cpu")
 
 
 def tune_backends(placement: Placement) -> None:

@@ -125,9 +125,11 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits of ``model`` on ``images``: uint8 (N, 3, H, W) on the CPU -> float32 (N, C) on the CPU.
 
-    The model is moved to ``placement`` (device and memory format) and run in eval mode under
+    The model is moved to ``placement``'s device and run in eval mode under
     ``torch.inference_mode`` and the placement's autocast, as a copy with its BatchNorms folded
-    into the convs (:func:`fold_batchnorm`); its training mode is restored after. Batches of
+    into the convs (:func:`fold_batchnorm`) in the placement's inference layout (a model that is
+    not a Cerberus ResNet is run as it is, moved to that layout); its training mode is restored
+    after. Batches of
     ``batch_size`` images are normalised with ``mean``/``std`` (per channel, on the 0-1 scale) on
     the device, one at a time; on the CPU the model sees slices of :data:`CPU_FORWARD_IMAGES` of
     them. ``tta`` averages the logits of ``len(TTA_VIEWS)`` views.
@@ -138,8 +140,8 @@ def predict_logits(
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     from cerberus.augment import normalize  # the same arithmetic training applies to its batches
 
-    device, memory_format = placement.device, placement.memory_format
-    model.to(device=device, memory_format=memory_format)
+    device, memory_format = placement.device, placement.inference_memory_format
+    model.to(device=device)
     total = images.shape[0]
     outputs: list[torch.Tensor] = []
     was_training = model.training
@@ -508,7 +510,7 @@ def evaluate_checkpoint(
         images_per_sec=result["images"] / max(seconds, 1e-9),
         device=str(run.placement.device),
         precision=run.placement.precision,
-        channels_last=run.placement.channels_last,
+        channels_last=run.placement.inference_layout,
         batch_size=run.batch_size,
         checkpoint=str(path),
         source=info["source"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import random
 import resource
@@ -168,9 +169,7 @@ class Run:
             cfg.train.channels_last,
         )
         if self.dist.device is not None:
-            self.placement = Placement(
-                self.dist.device, self.placement.precision, self.placement.channels_last
-            )
+            self.placement = dataclasses.replace(self.placement, device=self.dist.device)
 
     def setup(self) -> None:
         cfg = self.config

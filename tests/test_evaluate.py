@@ -146,6 +146,31 @@ def test_reduced_precision_and_channels_last_give_float32_logits():
     torch.testing.assert_close(logits, by_hand(model, images), rtol=0.05, atol=0.05)
 
 
+def test_cpu_inference_runs_channels_last_unless_the_layout_is_set(monkeypatch):
+    import cerberus.device as device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))  # no native bf16: fp32
+    auto = device.resolve_placement("cpu")
+    assert (auto.precision, auto.channels_last, auto.inference_layout) == ("fp32", False, True)
+    assert auto.inference_memory_format == torch.channels_last
+    assert auto.describe() == "cpu fp32 NCHW (inference channels_last)"
+    for chosen in (False, True):
+        placement = device.resolve_placement("cpu", "fp32", chosen)
+        assert placement.channels_last is chosen and placement.inference_layout is chosen
+
+
+def test_inference_layout_leaves_the_live_model_as_it_is():
+    # a model training in NCHW is evaluated in channels_last without its own tensors changing
+    model = tiny_model(3)
+    placement = Placement(torch.device("cpu"), "fp32", False, inference_channels_last=True)
+    weights = {name: p.data_ptr() for name, p in model.named_parameters()}
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    logits = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=placement)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == weights
+    torch.testing.assert_close(logits, by_hand(model, images), rtol=1e-5, atol=1e-5)
+
+
 def test_tta_averages_the_four_documented_views():
     model = tiny_model(1)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
