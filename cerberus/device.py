@@ -8,14 +8,15 @@
   CPU in fp32 NHWC trained 1.15-1.75x faster on an AVX2-only EPYC (benchmarks/RESULTS.md), but
   oneDNN's backward pass hung there on some very narrow strided designs (2-4 channels), so for
   training it stays opt-in (``train.channels_last = true``) in fp32 on the CPU. Inference (forward
-  only, no such problem found) uses NHWC on the CPU whenever the layout is left to ``auto``:
-  1.3x the images/s of NCHW for ResNet-24 there.
+  only, no such problem found) uses NHWC on x86-64 CPUs whenever the layout is left to ``auto``:
+  1.3x the images/s of NCHW for ResNet-24 there (other CPUs, where it was not measured, keep NCHW).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -130,7 +135,7 @@ def resolve_placement(
     if channels_last is not None:
         return Placement(dev, prec, channels_last, channels_last)
     train_layout = prec != "fp32" or dev.type == "cuda"
-    return Placement(dev, prec, train_layout, train_layout or dev.type == "cpu")
+    return Placement(dev, prec, train_layout, train_layout or (dev.type == "cpu" and _x86_64()))
 
 
 def tune_backends(placement: Placement) -> None:

@@ -259,7 +259,8 @@ def test_piped_train_output_is_plain_lines(runner: CliRunner, tmp_path: Path, mo
 
     # the runner's events, as cerberus.runner emits them
     start = dict(event="start", params=5_266, device="cpu", precision="fp32", channels_last=False)
-    start.update(epochs=1, start_epoch=0, start_step=0, steps_per_epoch=8, world_size=1)
+    start.update(inference_channels_last=True, epochs=1, start_epoch=0, start_step=0)
+    start.update(steps_per_epoch=8, world_size=1)
     start.update(train_images=400, val_images=100, test_images=200, out_dir=str(tmp_path / "run"))
     step = dict(event="step", step=1, loss=2.0, accuracy=0.25, images_per_sec=900.0)
     epoch = dict(event="epoch", epoch=1, lr=0.05, train_loss=2.0, train_accuracy=0.25)
@@ -279,8 +280,9 @@ def test_piped_train_output_is_plain_lines(runner: CliRunner, tmp_path: Path, mo
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == (
-        "5,266 parameters on cpu (fp32); 400 train / 100 val / 200 test images; world size 1"
-    )  # 84 characters: one line, not wrapped at 80
+        "5,266 parameters on cpu (fp32, channels_last for evaluation); 400 train / 100 val / "
+        "200 test images; world size 1"
+    )  # one line, not wrapped at 80
     assert lines[1:] == [
         f"run directory: {tmp_path / 'run'}",
         "epoch   1 | lr 0.05 | train loss 2.0000 acc 0.2500 | 900 img/s | 1s",

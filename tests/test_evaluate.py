@@ -150,6 +150,7 @@ def test_cpu_inference_runs_channels_last_unless_the_layout_is_set(monkeypatch):
     import cerberus.device as device
 
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))  # no native bf16: fp32
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
     auto = device.resolve_placement("cpu")
     assert (auto.precision, auto.channels_last, auto.inference_layout) == ("fp32", False, True)
     assert auto.inference_memory_format == torch.channels_last
@@ -157,6 +158,8 @@ def test_cpu_inference_runs_channels_last_unless_the_layout_is_set(monkeypatch):
     for chosen in (False, True):
         placement = device.resolve_placement("cpu", "fp32", chosen)
         assert placement.channels_last is chosen and placement.inference_layout is chosen
+    monkeypatch.setattr(device.platform, "machine", lambda: "aarch64")  # not measured there: NCHW
+    assert device.resolve_placement("cpu").inference_layout is False
 
 
 def test_inference_layout_leaves_the_live_model_as_it_is():

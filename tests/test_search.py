@@ -105,6 +105,10 @@ def test_default_space_covers_the_seed_exploration() -> None:
         ({"pool_size": [3]}, "[3] divide(s) no final feature map side"),
         ({"stem_kernel": [3, 8]}, "stem_kernel: sides must be 1-7, got [3, 8]"),
         (
+            {"stem_kernel": [0], "stages": [7]},
+            "each count must be 1-6, got [7]; stem_kernel: sides must be 1-7",
+        ),
+        (
             {"stages": [5], "downsample": ["pool"], "stem_kernel": [2]},
             "do not fit downsample ['pool'] and stem_kernel [2] (at most 4 with 'pool' and stem 2)",
         ),
@@ -504,6 +508,22 @@ def test_trials_draw_stem_kernels_only_where_they_fit(tmp_path) -> None:
         assert arch.final_side % arch.pool == 0
     even = next(r for r in result.leaderboard if r.design["stem_kernel"] == 2)
     assert "S2" in even.label
+
+
+def test_a_study_from_before_a_space_key_existed_resumes(tmp_path) -> None:
+    # a study whose recorded space predates `stem_kernel` had the default, [3]
+    import optuna
+
+    trials(tmp_path, FakeTrainer(), n=1)
+    storage = f"sqlite:///{tmp_path / 'search' / 'study.db'}"
+    study = optuna.load_study(study_name="default", storage=storage)
+    recorded = dict(study.user_attrs["space"])
+    del recorded["stem_kernel"]
+    study.set_user_attr("space", recorded)
+    result, _ = trials(tmp_path, FakeTrainer(), n=1)
+    assert len(result.leaderboard) == 2
+    with pytest.raises(ConfigError, match=r"another search space.*differs in: stem_kernel"):
+        trials(tmp_path, FakeTrainer(), n=1, space={**TINY_SPACE, "stem_kernel": [2]})
 
 
 def test_designs_over_the_budget_never_train(tmp_path) -> None:

@@ -11,6 +11,13 @@ import typer
 from cerberus.cli._app import MultiValueCommand, app, fail, handle_errors
 
 
+def _layout(channels_last: bool, inference: bool | None) -> str:
+    """', channels_last', or how evaluation's layout differs from training's."""
+    if inference is None or inference == channels_last:
+        return ", channels_last" if channels_last else ""
+    return ", channels_last for evaluation" if inference else ", channels_last, NCHW for evaluation"
+
+
 class TrainDisplay:
     """Renders the runner's events: rich progress bars on a terminal, plain lines elsewhere.
 
@@ -36,7 +43,7 @@ class TrainDisplay:
         out = self.console
         out.print(
             f"[bold]{e['params']:,}[/] parameters on {e['device']} ({e['precision']}"
-            f"{', channels_last' if e['channels_last'] else ''}); "
+            f"{_layout(e['channels_last'], e.get('inference_channels_last'))}); "
             f"{e['train_images']:,} train / {e['val_images']:,} val / {e['test_images']:,} test images; "
             f"world size {e['world_size']}"
         )

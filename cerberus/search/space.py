@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cerberus.arch import DEFAULT_BUDGET, MAX_STAGES, MAX_STEM_KERNEL, STEM_KERNEL, Architecture
+from cerberus.arch import DEFAULT_BUDGET, INPUT_SIDE, MAX_STAGES, MAX_STEM_KERNEL, STEM_KERNEL, Architecture
 from cerberus.config import format_validation_error, read_toml
 from cerberus.errors import ConfigError
 
@@ -32,11 +32,12 @@ def stages_limit(downsample: str, stem_kernel: int = STEM_KERNEL) -> int:
 
 
 def geometry_suffix(geometry: Geometry) -> str:
-    """'' for the seed's geometry, else e.g. '_pool', '_s2', '_pool_s2' (Optuna parameter names)."""
+    """'' for the seed's geometry, else e.g. '_pool', '_map31', '_pool_map31': names for Optuna
+    parameters whose choices depend on it. Only the stem's output side matters (every odd stem
+    keeps 32x32), so stems with the same side share names and what the sampler learns."""
     mode, stem_kernel = geometry
-    return ("" if mode == "stride" else f"_{mode}") + (
-        "" if stem_kernel == STEM_KERNEL else f"_s{stem_kernel}"
-    )
+    side = Architecture(stem_kernel=stem_kernel).stem_side
+    return ("" if mode == "stride" else f"_{mode}") + ("" if side == INPUT_SIDE else f"_map{side}")
 
 
 class SearchSpace(BaseModel):
@@ -87,7 +88,8 @@ class SearchSpace(BaseModel):
         default=["stride"],
         min_length=1,
         description="How stages halve the map: 'stride' (the seed's) and/or 'pool' (max-pool in "
-        "every stage, at most 5 stages; larger stage counts are used with 'stride' only).",
+        "every stage, at most 5 stages, 4 from an even stem; larger stage counts are used with "
+        "'stride' only).",
     )
     stem_kernel: list[int] = Field(
         default=[STEM_KERNEL],
@@ -112,11 +114,12 @@ class SearchSpace(BaseModel):
             if not self.channels or any(not c or min(c) < 1 for c in self.channels):
                 problems.append("channels: every list needs one positive width per stage")
         counts = self.stage_counts() if not problems else self.stages
-        if any(n < 1 or n > MAX_STAGES for n in counts):
+        bad_counts = any(n < 1 or n > MAX_STAGES for n in counts)
+        if bad_counts:
             problems.append(f"stages: each count must be 1-{MAX_STAGES}, got {sorted(set(counts))}")
-        elif any(s < 1 or s > MAX_STEM_KERNEL for s in self.stem_kernel):
+        if any(s < 1 or s > MAX_STEM_KERNEL for s in self.stem_kernel):
             problems.append(f"stem_kernel: sides must be 1-{MAX_STEM_KERNEL}, got {self.stem_kernel}")
-        elif not any(self.geometries(n) for n in counts):
+        elif not bad_counts and not any(self.geometries(n) for n in counts):
             limits = ", ".join(f"{stages_limit(*g)} with {g[0]!r} and stem {g[1]}" for g in self.geometries())
             problems.append(
                 f"stages: {sorted(set(counts))} do not fit downsample {self.downsample} and stem_kernel "

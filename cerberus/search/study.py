@@ -149,6 +149,8 @@ def open_study(
         recorded = study.user_attrs.get("space")
         if recorded is None:
             study.set_user_attr("space", fingerprint)
+        else:  # keys the space gained after the study was created (stem_kernel) had their default
+            recorded = {**_space_fingerprint(SearchSpace()), **recorded}
     if recorded is not None and recorded != fingerprint:
         differ = sorted(key for key in fingerprint if recorded.get(key) != fingerprint[key])
         raise ConfigError(
