@@ -62,12 +62,18 @@ def normalize(
 
 
 def _crop_flip(
-    images: torch.Tensor, padding: int, mode: str, flip: bool, generator: torch.Generator
+    images: torch.Tensor,
+    padding: int,
+    mode: str,
+    flip: bool,
+    generator: torch.Generator,
+    mirrored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random (H, W) window of the padded batch, optionally mirrored: one gather, uint8 in and out.
 
     Per image, offsets ``dy, dx`` in ``0..2*padding`` pick the window; output pixel ``(i, j)`` is
-    padded pixel ``(i + dy, j + dx)``, or ``(i + dy, W-1-j + dx)`` when the image is flipped.
+    padded pixel ``(i + dy, j + dx)``, or ``(i + dy, W-1-j + dx)`` when the image is flipped:
+    with probability 0.5, or where ``mirrored`` (bool (B,)) says when it is given.
     """
     b, c, h, w = images.shape
     device = images.device
@@ -77,8 +83,9 @@ def _crop_flip(
         offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=device)
         rows, cols = rows + offsets[0], cols + offsets[1]
     if flip:  # reversing j + dx along j gives W-1-j + dx
-        mirrored = torch.rand(b, 1, generator=generator, device=device) < 0.5
-        cols = torch.where(mirrored, cols.flip(1), cols)
+        if mirrored is None:
+            mirrored = torch.rand(b, generator=generator, device=device) < 0.5
+        cols = torch.where(mirrored.view(b, 1), cols.flip(1), cols)
     source = images
     if padding and mode == "zero":
         source = F.pad(images, (padding, padding, padding, padding))  # black pixels, as RandomCrop
@@ -156,6 +163,17 @@ def _cutmix_box(
     return box, 1.0 - area.float() / (h * w)
 
 
+def alternating_flips(seed: int, num_images: int, device: torch.device) -> torch.Tensor:
+    """Which images are mirrored in even epochs under ``flip_mode = "alternate"``: bool (N,).
+
+    A random half, drawn once from the run's seed (the same on every process); odd epochs mirror
+    the other images, so every image is seen both ways in every two epochs (airbench's
+    alternating flip). Epoch ``e`` mirrors ``flips[idx] ^ (e % 2 == 1)``.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)  # apart from batch orders
+    return (torch.rand(num_images, generator=generator) < 0.5).to(device)
+
+
 class Augmenter:
     """Training augmentation of a batch on its device: uint8 images -> normalised floats, targets.
 
@@ -176,19 +194,25 @@ class Augmenter:
         self.mixes = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0  # targets are probabilities
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        mirrored: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) and int64 (B,) on the device -> float32 (B, 3, H, W) and targets.
 
         Targets are the labels (int64 (B,)) unless mixup or cutmix is configured; then they are
-        float32 (B, num_classes) probabilities for every batch, mixed or not.
+        float32 (B, num_classes) probabilities for every batch, mixed or not. ``mirrored`` (bool
+        (B,)) decides the flips instead of a coin per image (``flip_mode = "alternate"``, see
+        :func:`alternating_flips`).
         """
         _check_images(images)
         if generator.device.type != images.device.type:
             raise ValueError(f"the generator is on {generator.device}, the images on {images.device}")
         cfg = self.cfg
         if cfg.crop_padding or cfg.flip:
-            images = _crop_flip(images, cfg.crop_padding, cfg.crop_mode, cfg.flip, generator)
+            images = _crop_flip(images, cfg.crop_padding, cfg.crop_mode, cfg.flip, generator, mirrored)
         x = images.to(torch.float32)
         if cfg.rotation:
             x = _rotate(x, cfg.rotation, generator)

@@ -171,6 +171,11 @@ class AugmentConfig(Section):
         default="zero", description="How the crop padding is filled."
     )
     flip: bool = Field(default=True, description="Random horizontal flip (probability 0.5).")
+    flip_mode: Literal["random", "alternate"] = Field(
+        default="random",
+        description="'random': each image flips with probability 0.5 every epoch; 'alternate': a "
+        "random half in the first epoch, then each image the other way from its previous epoch.",
+    )
     rotation: float = Field(
         default=0.0,
         ge=0,
@@ -194,6 +199,8 @@ class AugmentConfig(Section):
             return self
         if self.mix_prob < 1 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
             raise ValueError("mix_prob applies to mixup and cutmix: set mixup_alpha or cutmix_alpha too")
+        if self.flip_mode != "random" and not self.flip:
+            raise ValueError(f"flip_mode = {self.flip_mode!r} needs flip = true")
         return self
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cerberus.augment import Augmenter, normalize
+from cerberus.augment import Augmenter, alternating_flips, normalize
 from cerberus.config import TrainConfig
 from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
@@ -239,11 +239,15 @@ class Trainer:
     base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
     _sync_every: int = field(default=1)
+    _flips: torch.Tensor | None = field(default=None)  # flip_mode = "alternate": even epochs' flips
 
     def __post_init__(self) -> None:
         if self.base_model is None:
             self.base_model = self.model
         self._sync_every = 1 if self.placement.device.type == "cpu" else 20
+        aug = self.augmenter.cfg if self.augmenter is not None else None
+        if aug is not None and aug.flip and aug.flip_mode == "alternate":
+            self._flips = alternating_flips(self.seed, len(self.labels), self.images.device)
 
     def batch_indices(self, epoch: int, step: int) -> torch.Tensor:
         """This rank's indices of global batch ``step`` of ``epoch``, on the images' device."""
@@ -259,7 +263,8 @@ class Trainer:
         n = len(self.labels)
         idx = self.batch_indices(epoch, step)
         generator = step_generator(self.seed, epoch, step, self.placement.device, self.rank)
-        x, targets = self.augmenter(self.images[idx], self.labels[idx], generator)
+        mirrored = None if self._flips is None else self._flips[idx] ^ (epoch % 2 == 1)
+        x, targets = self.augmenter(self.images[idx], self.labels[idx], generator, mirrored)
         x = x.contiguous(memory_format=self.placement.memory_format)
         lr = self.schedule.apply(self.optimizer, epoch, step)
         with self.placement.autocast():

@@ -90,6 +90,36 @@ def test_flip_flips_about_half() -> None:
     assert 20 < sum(flipped) < 44
 
 
+def test_given_flips_mirror_exactly_those_images() -> None:
+    images = random_images(32)
+    mirrored = torch.arange(32) % 3 == 0
+    cfg = AugmentConfig(crop_padding=0, flip=True, flip_mode="alternate")
+    out, _ = aug.Augmenter(cfg, *IDENTITY)(images, torch.arange(32) % 10, torch.Generator(), mirrored)
+    expected = torch.where(mirrored.view(32, 1, 1, 1), images.flip(-1), images)
+    assert torch.equal(out, expected.float())
+    # with crops: the same windows (no coin is drawn for the flips), mirrored where the mask says
+    cfg = AugmentConfig(crop_padding=2, crop_mode="reflect", flip=True)
+    labels = torch.arange(32) % 10
+    none = torch.zeros(32, dtype=torch.bool)
+    plain, _ = aug.Augmenter(cfg, *IDENTITY)(images, labels, torch.Generator().manual_seed(4), none)
+    both, _ = aug.Augmenter(cfg, *IDENTITY)(images, labels, torch.Generator().manual_seed(4), ~none)
+    assert torch.equal(both, plain.flip(-1))
+    assert not torch.equal(
+        plain,
+        aug.Augmenter(cfg.model_copy(update={"crop_padding": 0}), *IDENTITY)(
+            images, labels, torch.Generator().manual_seed(4), none
+        )[0],
+    )  # the windows did move
+
+
+def test_alternating_flips_are_a_seeded_half() -> None:
+    flips = aug.alternating_flips(3, 10_000, torch.device("cpu"))
+    assert flips.dtype == torch.bool and flips.shape == (10_000,)
+    assert 4_800 < int(flips.sum()) < 5_200
+    assert torch.equal(flips, aug.alternating_flips(3, 10_000, torch.device("cpu")))
+    assert not torch.equal(flips, aug.alternating_flips(4, 10_000, torch.device("cpu")))
+
+
 def test_reflect_padding_never_shows_zero_fill() -> None:
     images = random_images(64, low=1)
     zero_out, _ = augment(AugmentConfig(crop_padding=4, crop_mode="zero"), images, seed=3)

@@ -263,6 +263,7 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"train": {"lr": 0.1, "min_lr": 1.0}}, "min_lr (1.0) must not exceed lr (0.1)"),
         ({"train": {"optimizer": "adamw", "nesterov": True}}, "nesterov applies to the sgd optimizer only"),
         ({"augment": {"mix_prob": 0.5}}, "mix_prob applies to mixup and cutmix"),
+        ({"augment": {"flip": False, "flip_mode": "alternate"}}, "flip_mode = 'alternate' needs flip = true"),
         ({"model": {"conv_kernel": 4}}, "model: conv_kernel: must be a positive odd number, got 4"),
         ({"model": {"downsample": "avg"}}, "model.downsample: Input should be 'stride' or 'pool'"),
         (

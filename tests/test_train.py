@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cerberus.augment import normalize
 from cerberus.cli import app
-from cerberus.config import TrainConfig, load_config
+from cerberus.config import AugmentConfig, TrainConfig, load_config
 from cerberus.data import load_cifar10, make_splits
 from cerberus.engine import LRSchedule, whitening_filters
 from cerberus.errors import ConfigError, DivergenceError, Interrupted
@@ -111,9 +111,14 @@ def interrupt_at(epoch: int, step: int):
     return sink
 
 
-@pytest.mark.parametrize("epoch,step", [(2, 3), (1, 7)])  # mid-epoch; last step of epoch 1
-def test_resume_after_interrupt_is_bitwise_exact(tmp_path, fake_cifar, epoch, step):
-    cfg = tiny_config(tmp_path, "train.ema_decay=0.9", "augment.cutout_size=8", "augment.mixup_alpha=0.4")
+@pytest.mark.parametrize(
+    "epoch,step,extra",
+    [(2, 3, ()), (1, 7, ()), (2, 3, ("augment.flip_mode=alternate",))],  # mid-epoch; end of epoch 1
+)
+def test_resume_after_interrupt_is_bitwise_exact(tmp_path, fake_cifar, epoch, step, extra):
+    cfg = tiny_config(
+        tmp_path, "train.ema_decay=0.9", "augment.cutout_size=8", "augment.mixup_alpha=0.4", *extra
+    )
     full = train_run(cfg, out_dir=tmp_path / "full", data_dir=str(fake_cifar))
     with pytest.raises(Interrupted) as info:
         train_run(cfg, out_dir=tmp_path / "cut", data_dir=str(fake_cifar), on_event=interrupt_at(epoch, step))
@@ -379,6 +384,47 @@ def test_the_trainer_draws_the_batches_the_data_module_defines(world_size, rank)
         for step in range(7):
             expected = batch_indices(n, batch, 5, epoch, step, rank, world_size)
             assert torch.equal(trainer.batch_indices(epoch, step), expected)
+
+
+def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch():
+    from cerberus.device import Placement
+    from cerberus.engine import Trainer
+
+    class Seen(Exception):
+        pass
+
+    class Recorder:  # stands in for the Augmenter: records which images it was told to mirror
+        cfg = AugmentConfig(flip=True, flip_mode="alternate")
+
+        def __init__(self):
+            self.mirrored = {}
+
+        def __call__(self, images, labels, generator, mirrored):
+            for index, flip in zip(images[:, 0, 0, 0].tolist(), mirrored.tolist()):
+                self.mirrored.setdefault(index, []).append(flip)
+            raise Seen
+
+    n, batch = 103, 16
+    recorder = Recorder()
+    trainer = Trainer(
+        model=torch.nn.Linear(1, 1),
+        optimizer=None,
+        schedule=None,
+        augmenter=recorder,
+        placement=Placement(torch.device("cpu"), "fp32", False),
+        cfg=TrainConfig(batch_size=batch),
+        seed=5,
+        images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous(),
+        labels=torch.zeros(n, dtype=torch.long),
+    )
+    for epoch in range(3):
+        for step in range(trainer.steps_per_epoch):
+            with pytest.raises(Seen):
+                trainer.train_step(epoch, step)
+    assert sorted(recorder.mirrored) == list(range(n))  # every image, once per epoch
+    for flips in recorder.mirrored.values():
+        assert flips[1] != flips[0] and flips[2] == flips[0]
+    assert 30 < sum(flips[0] for flips in recorder.mirrored.values()) < 73  # a random half first
 
 
 def test_a_best_pt_written_just_before_a_crash_is_what_the_resumed_summary_describes(tmp_path, fake_cifar):
