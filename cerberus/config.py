@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from cerberus.arch import DEFAULT_BUDGET, Architecture, architecture_problems, check_budget
+from cerberus.arch import DEFAULT_BUDGET, STEM_KERNEL, Architecture, architecture_problems, check_budget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,7 +77,7 @@ class ModelConfig(Section):
         ),
     )
     stem_kernel: int = Field(
-        default=3,
+        default=STEM_KERNEL,
         description="Kernel side S of the stem conv, padding (S-1)//2: 3 keeps the 32x32 map, 2 "
         "(unpadded) leaves 31x31, as the fastest CIFAR trainers do.",
     )
@@ -247,7 +247,7 @@ class TrainConfig(Section):
     channels_last: bool | None = Field(
         default=None,
         description="channels_last memory format. Default: on where it is faster (CUDA, bf16/fp16; "
-        "on the CPU in fp32 for evaluation only).",
+        "on x86-64 CPUs in fp32 for evaluation only).",
     )
     compile: bool = Field(default=False, description="torch.compile the model (opt-in).")
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = torch's default.")

@@ -129,10 +129,9 @@ def predict_logits(
     ``torch.inference_mode`` and the placement's autocast, as a copy with its BatchNorms folded
     into the convs (:func:`fold_batchnorm`) in the placement's inference layout (a model that is
     not a Cerberus ResNet is run as it is, moved to that layout); its training mode is restored
-    after. Batches of
-    ``batch_size`` images are normalised with ``mean``/``std`` (per channel, on the 0-1 scale) on
-    the device, one at a time; on the CPU the model sees slices of :data:`CPU_FORWARD_IMAGES` of
-    them. ``tta`` averages the logits of ``len(TTA_VIEWS)`` views.
+    after. Batches of ``batch_size`` images are normalised with ``mean``/``std`` (per channel, on
+    the 0-1 scale) on the device, one at a time; on the CPU the model sees slices of
+    :data:`CPU_FORWARD_IMAGES` of them. ``tta`` averages the logits of ``len(TTA_VIEWS)`` views.
     ``progress(done_images, total_images)`` is called after each batch.
     """
     _check_images(images)
