@@ -263,25 +263,34 @@ def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
     )
 
 
-def _describe_load_failure(path: Path, err: Exception) -> CheckpointError:
+def _describe_load_failure(path: Path, err: Exception, trust_hint: str | None) -> CheckpointError:
     text = str(err)
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
         names = _unsafe_globals(err)
         held = f" ({names})" if names else ""
+        if trust_hint is None:
+            return CheckpointError(
+                f"{path} holds pickled Python objects{held}, not just weights; it is not a "
+                "checkpoint written by cerberus, and loading it could run arbitrary code, so it "
+                "was not loaded"
+            )
         return CheckpointError(
             f"{path} holds pickled Python objects{held}, not just weights; loading it could run "
-            f"arbitrary code, so it was not loaded. If you trust the file, pass --trust-pickle "
-            f"(trust_pickle=True); better, {_RESAVE_HINT}"
+            f"arbitrary code, so it was not loaded. If you trust the file, {trust_hint}; "
+            f"better, {_RESAVE_HINT}"
         )
     return CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__})")
 
 
-def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Any:
+def load_checkpoint(
+    path: Path, *, trust_pickle: bool = False, trust_hint: str | None = "pass --trust-pickle"
+) -> Any:
     """Verify ``path`` against its sidecar (when it has one) and load it onto the CPU.
 
     Returns what was saved: a Cerberus checkpoint dict, a plain ``state_dict``, a wrapper dict,
     or (only with ``trust_pickle=True``) arbitrary pickled objects such as an ``nn.Module``.
     Without ``trust_pickle`` nothing in the file is executed. With it, the caller should warn.
+    ``trust_hint`` says how the caller's user can trust a pickled file (None: they cannot).
     """
     path = Path(path)
     verify_checkpoint(path)
@@ -299,12 +308,12 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (AttributeError, ModuleNotFoundError) as err:
         if not trust_pickle:
-            raise _describe_load_failure(path, err) from None
+            raise _describe_load_failure(path, err, trust_hint) from None
         raise CheckpointError(
             f"{path} refers to Python code that is not available here ({err}); {_RESAVE_HINT}"
         ) from None
     except Exception as err:  # torch raises many types for damaged files
-        raise _describe_load_failure(path, err) from None
+        raise _describe_load_failure(path, err, trust_hint) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +372,41 @@ def state_dict_from(obj: Any) -> dict[str, torch.Tensor]:
             f"found {_describe(obj)}, not model weights (expected a state_dict, or one under "
             f"{', '.join(repr(k) for k in _WRAPPER_KEYS)})"
         )
-    return _strip_prefixes(dict(obj))
+    state = dict(obj)
+    # torch.optim.swa_utils.AveragedModel adds its averaging count beside the model's weights.
+    if (
+        "n_averaged" in state
+        and len(state) > 1
+        and all(k.startswith("module.") for k in state if k != "n_averaged")
+    ):
+        del state["n_averaged"]
+    return _strip_prefixes(state)
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+
+
+def check_weights_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse ``state`` unless it has exactly ``expected``'s keys and shapes (a model's state_dict).
+
+    The message names the first missing, extra or misshapen keys.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: found {_describe(state)} where the model's weights belong")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        groups = (("missing", missing), ("unexpected", extra))
+        parts = [f"{kind} {_some(keys)}" for kind, keys in groups if keys]
+        raise CheckpointError(f"{path}: the weights do not fit the architecture ({'; '.join(parts)})")
+    for key, value in expected.items():
+        found = state[key]
+        if not isinstance(found, torch.Tensor) or found.shape != value.shape:
+            found = list(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
+            raise CheckpointError(
+                f"{path}: {key!r} has shape {found} but the architecture needs {list(value.shape)}"
+            )
 
 
 def check_format(checkpoint: dict) -> None:

@@ -220,8 +220,9 @@ class TrainConfig(Section):
     )
     schedule: Literal["constant", "cosine", "step", "onecycle", "seed"] = Field(
         default="cosine",
-        description="LR schedule: cosine to min_lr; step (milestones, gamma); onecycle "
-        "(linear up then down); seed (cosine with period t_max combined with x gamma steps).",
+        description="LR schedule: constant (lr throughout, after any warmup); cosine to min_lr; "
+        "step (milestones, gamma); onecycle (linear up then down); seed (cosine with period t_max "
+        "combined with x gamma steps).",
     )
     warmup_epochs: float = Field(default=0.0, ge=0, description="Linear warmup, epochs.")
     milestones: list[int] = Field(default=[], description="Epochs at which step/seed multiply by gamma.")

@@ -222,6 +222,19 @@ def _download(root: Path, url: str) -> None:
     place in one rename, so an interrupted download never leaves a partial dataset behind.
     """
     folder = root / FOLDER
+    created = [p for p in (root, *root.absolute().parents) if not p.exists()]  # deepest first
+    try:
+        _download_into(root, folder, url)
+    except BaseException:
+        for path in created:  # a failed download leaves no empty folders of ours behind
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _download_into(root: Path, folder: Path, url: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))

@@ -32,6 +32,7 @@ from cerberus.arch import Architecture, count_params
 from cerberus.checkpoint import (
     FORMAT,
     check_format,
+    check_weights_fit,
     first_non_finite,
     infer_architecture,
     load_checkpoint,
@@ -231,25 +232,16 @@ def classification_report(
 # Checkpoints
 
 
-def _some(keys: list[str]) -> str:
-    return ", ".join(repr(k) for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
-
-
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """``load_state_dict`` with a message that names the first missing, extra or misshapen key."""
+    """``load_state_dict`` with a message that names the first missing, extra or misshapen key.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (older PyTorch, or filtered out):
+    inference does not read them, so the model keeps its own.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    if missing or extra:
-        groups = (("missing", missing), ("unexpected", extra))
-        parts = [f"{kind} {_some(keys)}" for kind, keys in groups if keys]
-        raise CheckpointError(f"{path}: the weights do not fit the architecture ({'; '.join(parts)})")
-    for key, value in expected.items():
-        if state[key].shape != value.shape:
-            raise CheckpointError(
-                f"{path}: {key!r} has shape {list(state[key].shape)} but the architecture needs "
-                f"{list(value.shape)}"
-            )
+    counters = {k: v for k, v in expected.items() if k.endswith(".num_batches_tracked") and k not in state}
+    state = {**state, **counters}
+    check_weights_fit(expected, state, path)
     model.load_state_dict(state)
 
 

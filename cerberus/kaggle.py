@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from cerberus import safe_pickle
-from cerberus.errors import CerberusError, ConfigError, DataError
+from cerberus.data import CLASSES
+from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 from cerberus.files import atomic_write
 
 LAYOUTS = ("chw", "hwc")
@@ -122,11 +123,16 @@ def _ids_from(ids: Any, n: int, path: Path) -> list:
         raise DataError(f"{path}: 'ids' must be integers or strings")
     if len(ids) != n:
         raise DataError(f"{path} has {len(ids)} ids but {n} images")
-    seen: set[int | str] = set()
+    # A submission needs one row per image, or Kaggle rejects it. Compare ids as the CSV writes
+    # them: 1 and '1' are both written as 1.
+    seen: dict[str, int | str] = {}
     for i in ids:
-        if i in seen:  # a submission needs one row per image: Kaggle would reject the file
-            raise DataError(f"{path}: id {i!r} appears more than once; every image needs its own id")
-        seen.add(i)
+        text = str(i)
+        if text in seen:
+            first = seen[text]
+            given = f" (given as {first!r} and {i!r})" if first != i else ""
+            raise DataError(f"{path}: id {text} appears more than once{given}; every image needs its own id")
+        seen[text] = i
     return ids
 
 
@@ -167,6 +173,21 @@ def _check_output(path: Path) -> None:
         raise CerberusError(f"cannot write {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CerberusError(f"cannot write {path}: the folder {folder} is not writable")
+
+
+def _check_distinct(files: dict[str, Path | None]) -> None:
+    """Refuse two options (``{"--input": path, ...}``) naming one file: one would overwrite the other."""
+    given = [(flag, Path(path)) for flag, path in files.items() if path is not None]
+    for n, (flag_a, a) in enumerate(given):
+        for flag_b, b in given[n + 1 :]:
+            resolved = a.resolve()
+            if resolved == b.resolve():
+                raise ConfigError(f"{flag_a} and {flag_b} both name {resolved}; give each its own file")
+            if a.exists() and b.exists() and os.path.samefile(a, b):  # hard links
+                raise ConfigError(
+                    f"{flag_a} and {flag_b} name the same file ({resolved} and {b.resolve()}); "
+                    "give each its own file"
+                )
 
 
 def _write_csv(path: Path, header: Sequence[str], rows) -> None:
@@ -219,13 +240,14 @@ def predict_unlabeled(
 
     Weights, normalisation, placement and ``overrides`` (plain state_dicts) follow
     :func:`cerberus.evaluate.evaluate_checkpoint`: the checkpoint's own config for Cerberus
-    checkpoints, the seed's constants otherwise. Cheap checks come first: the model is loaded
-    and verified and the output folders checked before the input is read, and all of that
-    before inference.
+    checkpoints, the seed's constants otherwise. Cheap checks come first: the three files must
+    be distinct, the model is loaded and verified (ten outputs, one per CIFAR-10 class) and the
+    output folders checked before the input is read, and all of that before inference.
     """
     from cerberus.evaluate import TTA_VIEWS, prepare_inference
 
     _check_layout(layout)
+    _check_distinct({"--input": input_path, "--output": output, "--probs": probs_path})
     run = prepare_inference(
         checkpoint,
         trust_pickle=trust_pickle,
@@ -235,6 +257,11 @@ def predict_unlabeled(
         precision=precision,
         batch_size=batch_size,
     )
+    num_classes = run.info["architecture"]["num_classes"]
+    if num_classes != len(CLASSES):  # labels past 9 would make a submission Kaggle cannot score
+        raise CheckpointError(
+            f"{checkpoint}: the model has {num_classes} outputs but the dataset has {len(CLASSES)} classes"
+        )
     for path in (output, probs_path):
         if path is not None:
             _check_output(path)
@@ -244,10 +271,10 @@ def predict_unlabeled(
     seconds = time.perf_counter() - start
     labels = logits.argmax(1)
     write_submission(output, ids, labels)
-    classes = _class_names(logits.shape[1])
+    classes = list(CLASSES)
     if probs_path is not None:
         write_probabilities(probs_path, ids, logits.softmax(1), classes)
-    counts = torch.bincount(labels, minlength=logits.shape[1]).tolist()
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
     return {
         "images": len(ids),
         "output": str(output),
@@ -265,9 +292,3 @@ def predict_unlabeled(
         "architecture": run.info["architecture"],
         "notes": run.info["notes"],
     }
-
-
-def _class_names(num_classes: int) -> list[str]:
-    from cerberus.data import CLASSES
-
-    return list(CLASSES) if len(CLASSES) == num_classes else [f"class_{i}" for i in range(num_classes)]

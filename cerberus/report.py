@@ -5,13 +5,14 @@ Builders return objects (rich renderables, strings, paths); only the CLI prints 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from cerberus.arch import STEM_KERNEL
+from cerberus.arch import STEM_KERNEL, count_params
 from cerberus.errors import CerberusError
 
 if TYPE_CHECKING:
@@ -59,20 +60,68 @@ def params_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+# The layer table builds the model and runs one image through it. Past this much memory for the
+# weights alone (4 bytes a parameter) it is refused rather than risk the process being killed.
+LAYER_TABLE_MAX_WEIGHT_BYTES = 10**9
+
+
 def layer_summary(arch) -> str:
-    """torchinfo's layer table for one 3x32x32 image (builds the model on the CPU)."""
+    """torchinfo's layer table for one 3x32x32 image (builds the model on the CPU).
+
+    Raises :class:`CerberusError` when the model's weights alone would need more than
+    :data:`LAYER_TABLE_MAX_WEIGHT_BYTES`, or when building the model or its forward pass runs
+    out of memory; the analytic counts of :func:`cerberus.arch.summarize` never need either.
+    """
+    weight_bytes = 4 * count_params(arch)
+    if weight_bytes > LAYER_TABLE_MAX_WEIGHT_BYTES:
+        raise CerberusError(
+            f"no layer table: building the model needs about {_readable_size(weight_bytes)} for its "
+            f"weights alone, over the {_readable_size(LAYER_TABLE_MAX_WEIGHT_BYTES)} limit (the counts "
+            "above do not need it)"
+        )
     import torchinfo
 
     from cerberus.model import build_model
 
-    stats = torchinfo.summary(
-        build_model(arch),
-        input_size=(1, 3, 32, 32),
-        col_names=("output_size", "num_params", "mult_adds"),
-        depth=3,
-        verbose=0,
-    )
-    return str(stats)
+    try:
+        stats = torchinfo.summary(
+            build_model(arch),
+            input_size=(1, 3, 32, 32),
+            col_names=("output_size", "num_params", "mult_adds"),
+            depth=3,
+            verbose=0,
+        )
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not re.search(r"alloc|memory", str(err), re.IGNORECASE):
+            raise
+        raise CerberusError(
+            f"no layer table: building the model ran out of memory (its weights alone take about "
+            f"{_readable_size(weight_bytes)}; the counts above do not need it)"
+        ) from None
+    return _readable_units(str(stats))
+
+
+def _readable_size(num_bytes: int) -> str:
+    """``180.0 GB``, ``1.0 GB``, ``6.0 kB`` (decimal units, as torchinfo's sizes)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:,.1f} {unit}"
+    return f"{num_bytes / 1e3:,.1f} kB"
+
+
+def _readable_units(text: str) -> str:
+    """``Total mult-adds (Units.MEGABYTES)`` -> ``Total mult-adds (M)``.
+
+    torchinfo 1.8 formats its ``Units`` enum (a ``str`` mixin) with an f-string, which on
+    Python 3.11+ gives the member's name instead of its value.
+    """
+    from torchinfo.enums import Units
+
+    def value(match: re.Match[str]) -> str:
+        member = Units.__members__.get(match[1])
+        return match[0] if member is None else f"({member.value})"
+
+    return re.sub(r"\(Units\.([A-Z]+)\)", value, text)
 
 
 def plot_curves(metrics: list[dict[str, Any]], path) -> None:

@@ -31,14 +31,22 @@ import torch
 
 from cerberus import __version__
 from cerberus.augment import Augmenter
-from cerberus.checkpoint import FORMAT, FORMAT_VERSION, all_finite, load_checkpoint, remove_stale_temporaries
+from cerberus.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    all_finite,
+    check_format,
+    check_weights_fit,
+    load_checkpoint,
+    remove_stale_temporaries,
+)
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.data import load_cifar10, make_splits, resolve_data_root
 from cerberus.device import Placement, resolve_placement, tune_backends
 from cerberus.distributed import DistContext
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
-from cerberus.errors import CerberusError, ConfigError, DivergenceError, Interrupted
+from cerberus.errors import CerberusError, CheckpointError, ConfigError, DivergenceError, Interrupted
 from cerberus.evaluate import classification_report, predict_logits
 from cerberus.files import atomic_write, run_lock
 from cerberus.model import build_model
@@ -597,6 +605,10 @@ def _make_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"cannot create the run directory {out_dir}: {err.strerror or err}") from None
 
 
+# What a last.pt must hold for a run to continue from it.
+_RESUME_KEYS = ("config", "model", "optimizer", "rng", "epoch", "step")
+
+
 def train_run(
     config: ExperimentConfig | None = None,
     *,
@@ -617,15 +629,26 @@ def train_run(
     ckpt = None
     if resume is not None:
         resume = Path(resume)
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("format") != FORMAT:
+        ckpt = load_checkpoint(resume, trust_hint=None)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ConfigError(f"{resume}: not a cerberus training checkpoint; cannot resume from it")
+        check_format(ckpt)
         if ckpt.get("role") == "best":
             raise ConfigError(
                 f"{resume} holds the best epoch's weights only; resume from "
                 f"{resume.with_name('last.pt')}, which holds the whole training state"
             )
+        absent = [key for key in _RESUME_KEYS if key not in ckpt]
+        if absent:
+            raise CheckpointError(
+                f"{resume}: the training checkpoint has no {', '.join(map(repr, absent))}; "
+                "cannot resume from it"
+            )
         config = config_from_dict(ckpt["config"], source=str(resume), stored=True)
+        # Nothing is written before the weights are known to fit the recorded design.
+        with torch.device("meta"):
+            expected = build_model(config.model.architecture()).state_dict()
+        check_weights_fit(expected, ckpt["model"], resume)
         out_dir = resume.parent
         recorded = config.data.root
         if data_dir is None and recorded is not None and not Path(recorded).expanduser().is_dir():

@@ -350,6 +350,24 @@ def test_state_dict_from_accepts_the_usual_wrappers():
         assert list(state) == list(plain)
 
 
+def test_state_dict_from_unwraps_an_averaged_model():
+    model = tiny_model()
+    averaged = torch.optim.swa_utils.AveragedModel(model).state_dict()
+    assert "n_averaged" in averaged  # beside module.* keys
+    state = state_dict_from(averaged)
+    assert list(state) == list(model.state_dict())
+
+
+def test_plain_weights_without_batchnorm_counters_load(tmp_path):
+    model = tiny_model(seed=5)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    loaded, info = load_model(path)
+    assert info["source"] == "state_dict"
+    assert torch.equal(loaded.state_dict()["linear.weight"], state["linear.weight"])
+
+
 def test_state_dict_from_names_what_it_found():
     with pytest.raises(CheckpointError, match=r"found a dict with keys 'epoch', 'acc', not model weights"):
         state_dict_from({"epoch": 3, "acc": 0.5})

@@ -228,6 +228,82 @@ def test_summary_adds_the_torchinfo_table(runner: CliRunner) -> None:
     assert "parameters: 4,918,602" in result.stdout
 
 
+def test_summary_shows_mult_add_units_by_value(runner: CliRunner) -> None:
+    # torchinfo 1.8 formats its Units enum with str(): "(Units.MEGABYTES)" on Python 3.11+
+    result = invoke(runner, "--blocks", "1", "--channels", "8", "--summary")
+    assert result.exit_code == 0, result.output
+    assert "Total mult-adds (M): 1.40" in result.stdout
+    assert "Units." not in result.stdout
+
+
+def assert_counted_then_refused(result, message: str) -> None:
+    """The analytic counts on stdout, then one ``Error:`` line for the layer table, exit 1."""
+    assert result.exit_code == 1, result.output
+    assert "parameters: " in result.stdout
+    assert result.stderr == f"Error: {message}\n"
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_summary_refuses_a_model_too_large_to_build(runner: CliRunner, monkeypatch) -> None:
+    import cerberus.model
+
+    def must_not_build(arch):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(cerberus.model, "build_model", must_not_build)
+    result = invoke(runner, "--blocks", "1", "--channels", "50000", "--summary")
+    assert "parameters: 45,002,150,010" in result.stdout
+    assert_counted_then_refused(
+        result,
+        "no layer table: building the model needs about 180.0 GB for its weights alone, over the "
+        "1.0 GB limit (the counts above do not need it)",
+    )
+    # --json prints the counts only; it has no layer table to refuse
+    result = invoke(runner, "--blocks", "1", "--channels", "50000", "--summary", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"] == 45_002_150_010
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 90000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError(),
+    ],
+    ids=["allocator", "MemoryError"],
+)
+def test_summary_reports_running_out_of_memory(runner: CliRunner, monkeypatch, error) -> None:
+    import torchinfo
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torchinfo, "summary", out_of_memory)
+    result = invoke(runner, "--blocks", "1", "--channels", "8", "--summary")
+    assert "parameters: 1,506" in result.stdout
+    assert_counted_then_refused(
+        result,
+        "no layer table: building the model ran out of memory (its weights alone take about "
+        "6.0 kB; the counts above do not need it)",
+    )
+
+
+def test_summary_does_not_disguise_other_errors(runner: CliRunner, monkeypatch) -> None:
+    import torchinfo
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(torchinfo, "summary", broken)
+    result = invoke(runner, "--blocks", "1", "--channels", "8", "--summary")
+    assert isinstance(result.exception, RuntimeError)
+    assert "out of memory" not in result.output
+
+
 def test_version(runner: CliRunner) -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0

@@ -263,7 +263,19 @@ def test_failed_download_names_url_mirror_option_and_folder(tmp_path: Path) -> N
     assert message.startswith(f"could not download CIFAR-10 from {url} (No such file or directory)")
     assert "data.url" in message and "CERBERUS_CIFAR10_URL" in message
     assert f"by hand in {root / data.FOLDER}/" in message
-    assert list(root.iterdir()) == []  # the staging folder is cleaned up
+    assert not root.exists()  # neither the staging folder nor the folder made for it remain
+
+
+def test_failed_download_removes_only_the_folders_it_made(tmp_path: Path) -> None:
+    url = (tmp_path / "no-such-archive.tar.gz").as_uri()
+    with pytest.raises(DataError):
+        data.load_cifar10(tmp_path / "a" / "b" / "dest", download=True, url=url)
+    assert not (tmp_path / "a").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(DataError):
+        data.load_cifar10(kept, download=True, url=url)
+    assert kept.is_dir() and list(kept.iterdir()) == []  # it was there before: it stays, empty
 
 
 @pytest.mark.parametrize(
@@ -290,7 +302,7 @@ def test_archive_that_is_not_cifar(tmp_path: Path) -> None:
         tar.add(tmp_path / "other", arcname="other")
     with pytest.raises(DataError, match="the archive holds no cifar-10-batches-py/ folder"):
         data.load_cifar10(tmp_path / "b", url=(tmp_path / "other.tar.gz").as_uri())
-    assert list((tmp_path / "b").iterdir()) == []
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing left behind
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from cerberus.arch import Architecture
 from cerberus.cli import app
 from cerberus.config import CIFAR10_MEAN, CIFAR10_STD
 from cerberus.data import CLASSES
-from cerberus.errors import CerberusError, DataError
+from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 from cerberus.kaggle import predict_unlabeled, read_unlabeled, write_probabilities, write_submission
 from cerberus.model import build_model
 
@@ -264,3 +264,69 @@ def test_ids_may_be_a_list_of_numpy_scalars(tmp_path):
     path = write_pickle(tmp_path / "t.pkl", {b"data": images_chw().reshape(N, 3072), b"ids": ids})
     got, _ = read_unlabeled(path)
     assert got == list(range(200, 200 + N)) and all(type(i) is int for i in got)
+
+
+def test_predict_refuses_two_options_naming_one_file(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    before = source.read_bytes()
+    sub = tmp_path / "sub.csv"
+    (tmp_path / "link.csv").symlink_to(sub)
+    cases = [
+        (["--output", str(sub), "--probs", str(sub)], f"--output and --probs both name {sub.resolve()}"),
+        (["--output", str(source)], f"--input and --output both name {source.resolve()}"),
+        (["--output", str(tmp_path / "o.csv"), "--probs", str(tmp_path / "." / "t.pkl")],
+         f"--input and --probs both name {source.resolve()}"),
+        (["--output", str(sub), "--probs", str(tmp_path / "link.csv")],
+         f"--output and --probs both name {sub.resolve()}"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        result = runner.invoke(app, ["predict", str(weights), "--input", str(source), *flags])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"Error: {message}; give each its own file\n"
+    assert source.read_bytes() == before
+    assert not sub.exists() and not (tmp_path / "o.csv").exists()
+
+
+def test_predict_refuses_a_hard_link_to_the_input(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    hard = tmp_path / "hard.pkl"
+    hard.hardlink_to(source)
+    with pytest.raises(ConfigError) as err:
+        predict_unlabeled(weights, source, hard)
+    assert str(err.value) == (
+        f"--input and --output name the same file ({source.resolve()} and {hard.resolve()}); "
+        "give each its own file"
+    )
+
+
+def test_predict_refuses_a_model_without_ten_outputs_before_inference(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "cifar100.pt"
+    torch.save(
+        build_model(Architecture(blocks=(1, 1), channels=(8, 16), num_classes=100)).state_dict(), weights
+    )
+    source, out = layout_2024(tmp_path / "t.pkl"), tmp_path / "sub.csv"
+    seen = []
+    with pytest.raises(CheckpointError) as err:
+        predict_unlabeled(weights, source, out, progress=lambda done, total: seen.append(done))
+    assert str(err.value) == f"{weights}: the model has 100 outputs but the dataset has 10 classes"
+    assert seen == []  # no image was predicted
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", str(out)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {weights}: the model has 100 outputs but the dataset has 10 classes\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([1, "1", *range(2, N)], "id 1 appears more than once (given as 1 and '1')"),
+        (["7", *range(1, N - 1), 7], "id 7 appears more than once (given as '7' and 7)"),
+        (np.array([*range(N - 1), 3]).astype(str), "id 3 appears more than once"),
+    ],
+)
+def test_ids_that_the_csv_writes_alike_are_duplicates(tmp_path, ids, message):
+    path = write_pickle(tmp_path / "t.pkl", {b"data": images_chw().reshape(N, 3072), b"ids": ids})
+    with pytest.raises(DataError) as err:
+        read_unlabeled(path)
+    assert str(err.value) == f"{path}: {message}; every image needs its own id"

@@ -315,12 +315,16 @@ def test_cli_json(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"candidates", "total", "within_budget"}
+    assert set(data) == {"candidates", "total", "within_budget", "max_params", "sort", "configs"}
+    assert (data["max_params"], data["sort"]) == (500_000, "params")
     assert data["total"] == 2 * 4**3
     assert len(data["candidates"]) == 2
     assert all(c["params"] <= 500_000 for c in data["candidates"])
     assert data["candidates"][0]["params"] >= data["candidates"][1]["params"]
-    assert len(list((tmp_path / "out").glob("*.toml"))) == 2
+    assert sorted(data["configs"]) == sorted(str(p) for p in (tmp_path / "out").glob("*.toml"))
+    assert len(data["configs"]) == 2
+    plain = json.loads(invoke(str(space), "--max-params", "500000", "--top", "1", "--json").stdout)
+    assert "configs" not in plain  # nothing was asked to be written
 
 
 def test_cli_table() -> None:

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from cerberus.arch import Architecture
 from cerberus.augment import normalize
 from cerberus.cli import app
 from cerberus.config import AugmentConfig, TrainConfig, load_config
 from cerberus.data import load_cifar10, make_splits
 from cerberus.engine import LRSchedule, whitening_filters
 from cerberus.errors import ConfigError, DivergenceError, Interrupted
+from cerberus.model import build_model
 from cerberus.runner import train_run
 
 TINY = """
@@ -259,6 +261,45 @@ def test_resuming_from_best_pt_is_refused(tmp_path, fake_cifar):
     assert result.exit_code == 2
     assert "holds the best epoch's weights only; resume from" in result.stderr
     assert "last.pt" in result.stderr
+
+
+def _other_design_weights(ckpt: dict) -> None:
+    ckpt["model"] = build_model(Architecture(blocks=(1,), channels=(8,))).state_dict()
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_other_design_weights, "the weights do not fit the architecture (missing 'layer2.0.conv1.weight'"),
+        (lambda ckpt: ckpt.pop("config"), "the training checkpoint has no 'config'; cannot resume"),
+        (lambda ckpt: ckpt.pop("rng"), "the training checkpoint has no 'rng'; cannot resume"),
+        (lambda ckpt: ckpt.update(format_version=999), "format version 999 (written by cerberus"),
+        (lambda ckpt: ckpt.update(model=[1, 2]), "found a builtins.list where the model's weights belong"),
+    ],
+)
+def test_resume_refuses_a_damaged_last_pt_before_writing_anything(tmp_path, fake_cifar, damage, message):
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    run = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
+    ckpt = torch.load(run.out_dir / "last.pt", weights_only=True)
+    damage(ckpt)
+    (run.out_dir / "last.pt.sha256").unlink()
+    torch.save(ckpt, run.out_dir / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.out_dir.iterdir()}
+    result = CliRunner().invoke(app, ["train", "--resume", str(run.out_dir / "last.pt")])
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert {p.name: p.read_bytes() for p in run.out_dir.iterdir()} == before
+
+
+def test_resume_from_a_pickled_file_does_not_suggest_trusting_it(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save(build_model(Architecture(blocks=(1,), channels=(8,))), path)  # a whole nn.Module
+    result = CliRunner().invoke(app, ["train", "--resume", str(path)])
+    assert result.exit_code != 0
+    assert "holds pickled Python objects (cerberus.model.ResNet" in result.stderr
+    assert "not a checkpoint written by cerberus" in result.stderr
+    assert "--trust-pickle" not in result.stderr
 
 
 def test_a_model_whose_outputs_do_not_match_the_classes_is_refused_before_writing(tmp_path, fake_cifar):

@@ -85,7 +85,8 @@ def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
             progress.stop()
     paths = write_candidate_configs(enumeration, write_dir, base) if write_dir is not None else []
     if as_json:
-        emit_json(enumeration.to_dict())
+        written = {"configs": [str(path) for path in paths]} if write_dir is not None else {}
+        emit_json({**enumeration.to_dict(), **written})
         return
     out = console()
     if enumeration.candidates:

@@ -188,6 +188,8 @@ class Enumeration:
             "candidates": [c.to_dict() for c in self.candidates],
             "total": self.total,
             "within_budget": self.within_budget,
+            "max_params": self.max_params,
+            "sort": self.sort,
         }
 
 
