@@ -259,10 +259,26 @@ def test_summary_refuses_a_model_too_large_to_build(runner: CliRunner, monkeypat
         "no layer table: building the model needs about 180.0 GB for its weights alone, over the "
         "1.0 GB limit (the counts above do not need it)",
     )
-    # --json prints the counts only; it has no layer table to refuse
+    # --json with --summary carries the table: refused alike, and no half-made JSON is printed
     result = invoke(runner, "--blocks", "1", "--channels", "50000", "--summary", "--json")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "no layer table: building the model needs about 180.0 GB" in result.stderr
+    result = invoke(runner, "--blocks", "1", "--channels", "50000", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["params"] == 45_002_150_010
+
+
+def test_summary_with_json_carries_the_layer_table(runner: CliRunner) -> None:
+    result = invoke(runner, "--blocks", "1", "--channels", "8", "--summary", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params"] == 1_506
+    assert "Total params: 1,506" in data["layer_summary"]
+    assert "Total mult-adds (M)" in data["layer_summary"]
+    assert "layer_summary" not in json.loads(
+        invoke(runner, "--blocks", "1", "--channels", "8", "--json").stdout
+    )
 
 
 @pytest.mark.parametrize(

@@ -327,6 +327,19 @@ def test_cli_json(tmp_path) -> None:
     assert "configs" not in plain  # nothing was asked to be written
 
 
+def test_ctrl_c_while_counting_says_so_and_exits_130(tmp_path, monkeypatch) -> None:
+    import cerberus.search
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cerberus.search, "enumerate_designs", interrupted)
+    result = invoke("--max-params", "100000", "--write-configs", str(tmp_path / "out"))
+    assert result.exit_code == 130
+    assert "Interrupted while counting designs; nothing was written." in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_table() -> None:
     result = invoke("--max-params", "100000", "--top", "1")
     assert result.exit_code == 0, result.output

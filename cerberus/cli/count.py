@@ -45,7 +45,9 @@ def count_params_command(
     max_params: Annotated[
         int | None, typer.Option(help="Parameter budget (default: 5,000,000 or the config's).")
     ] = None,
-    summary: Annotated[bool, typer.Option("--summary", help="Add torchinfo's layer table.")] = False,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="Add torchinfo's layer table (with --json: layer_summary).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Count a design's parameters exactly and check them against the budget.
@@ -96,6 +98,10 @@ def count_params_command(
 
     result = summarize(arch, budget)
     if as_json:
+        if summary:
+            from cerberus.report import layer_summary
+
+            result["layer_summary"] = layer_summary(arch)
         emit_json(result)
         return
     from cerberus.report import params_table

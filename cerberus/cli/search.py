@@ -80,6 +80,9 @@ def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
 
     try:
         enumeration = enumerate_designs(space, top=top, sort=sort, on_progress=on_progress)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted while counting designs; nothing was written.", err=True)
+        raise typer.Exit(130) from None
     finally:
         if progress is not None:
             progress.stop()
