@@ -355,6 +355,26 @@ def test_eval_json_on_a_plain_state_dict(weights, fake_cifar, test_set):
     assert [row["support"] for row in report["per_class"]] == torch.bincount(labels, minlength=10).tolist()
 
 
+@pytest.mark.parametrize(
+    "flags,bar", [((), True), (("--quiet",), False), (("-q",), False), (("--json",), False)]
+)
+def test_eval_progress_bar_follows_quiet_and_json(weights, fake_cifar, monkeypatch, flags, bar):
+    import cerberus.cli.evaluate as cli_evaluate
+
+    asked = []
+    real = cli_evaluate._progress_bar
+
+    def recording(enabled, description):
+        asked.append(enabled)
+        return real(enabled, description)
+
+    monkeypatch.setattr(cli_evaluate, "_progress_bar", recording)
+    args = ["eval", str(weights), "--data-dir", str(fake_cifar), "--test-subset", "20", *flags]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert asked == [bar]
+
+
 def test_eval_table_and_out_folder(weights, fake_cifar, tmp_path):
     out = tmp_path / "report"
     args = [

@@ -31,6 +31,9 @@ BatchSize = Annotated[
     int | None, typer.Option(help="Images per batch (default: the checkpoint's, else 1000).", min=1)
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress bar).")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (none either when not a terminal).")
+]
 # What the weights of a plain state_dict cannot show (Cerberus checkpoints record their design)
 Blocks = Annotated[
     list[int] | None, typer.Option(help="Plain state_dicts: blocks per stage (default: inferred).")
@@ -178,6 +181,7 @@ def eval_command(
     pool_size: PoolSize = None,
     downsample: Downsample = None,
     as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Evaluate weights on the CIFAR-10 test set: accuracy, loss, per-class table, confusion matrix.
 
@@ -200,7 +204,7 @@ def eval_command(
     if out is not None:
         check_report_dir(out)
     overrides = _design_overrides(blocks, conv_kernel, skip_kernel, pool_size, downsample)
-    with naming_flags(overrides), _progress_bar(not as_json, "evaluating") as progress:
+    with naming_flags(overrides), _progress_bar(not (as_json or quiet), "evaluating") as progress:
         result = evaluate_checkpoint(
             checkpoint,
             data_dir=data_dir,
@@ -254,6 +258,7 @@ def predict_command(
     pool_size: PoolSize = None,
     downsample: Downsample = None,
     as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Predict the Kaggle test images and write a submission CSV (ID,Labels; labels 0-9).
 
@@ -273,7 +278,10 @@ def predict_command(
     if trust_pickle:
         _warn_trust(checkpoint)
     overrides = _design_overrides(blocks, conv_kernel, skip_kernel, pool_size, downsample)
-    with naming_flags({**overrides, "layout": layout}), _progress_bar(not as_json, "predicting") as progress:
+    with (
+        naming_flags({**overrides, "layout": layout}),
+        _progress_bar(not (as_json or quiet), "predicting") as progress,
+    ):
         result = predict_unlabeled(
             checkpoint,
             input_path,
