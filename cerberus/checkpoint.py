@@ -283,7 +283,10 @@ def _describe_load_failure(path: Path, err: Exception, trust_hint: str | None) -
 
 
 def load_checkpoint(
-    path: Path, *, trust_pickle: bool = False, trust_hint: str | None = "pass --trust-pickle"
+    path: Path,
+    *,
+    trust_pickle: bool = False,
+    trust_hint: str | None = "pass --trust-pickle (trust_pickle=True)",
 ) -> Any:
     """Verify ``path`` against its sidecar (when it has one) and load it onto the CPU.
 
@@ -409,14 +412,17 @@ def check_weights_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.
             )
 
 
-def check_format(checkpoint: dict) -> None:
+def check_format(checkpoint: dict, path: Path | None = None) -> None:
     """Refuse a Cerberus checkpoint written in a newer format than this version reads."""
     version = checkpoint.get("format_version")
+    where = f"{path}: " if path is not None else ""
+    if version is None:
+        raise CheckpointError(f"{where}the checkpoint records no format version; it is damaged")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         written_by = checkpoint.get("cerberus_version", "an unknown version")
         raise CheckpointError(
-            f"checkpoint format version {version!r} (written by cerberus {written_by}) is newer "
-            f"than this cerberus reads ({FORMAT_VERSION}); upgrade cerberus"
+            f"{where}checkpoint format version {version!r} (written by cerberus {written_by}) is "
+            f"newer than this cerberus reads ({FORMAT_VERSION}); upgrade cerberus"
         )
 
 

@@ -236,8 +236,12 @@ def _download(root: Path, url: str) -> None:
 
 def _download_into(root: Path, folder: Path, url: str) -> None:
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))
+        except FileNotFoundError:  # another process's failed download removed the new folder
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))
     except OSError as err:
         raise DataError(f"cannot create the data folder {root.absolute()} ({err.strerror or err})") from None
     try:

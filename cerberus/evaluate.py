@@ -323,7 +323,16 @@ def load_model(
     if bad is not None:
         raise CheckpointError(f"{path}: weight {bad!r} holds NaN or infinite values")
     model = build_model(arch)
-    _load_weights(model, state, path)
+    try:
+        _load_weights(model, state, path)
+    except CheckpointError as err:
+        if info["source"] != "state_dict" or not overrides:
+            raise
+        # The weights were read as the design the overrides asked for: the overrides are at fault.
+        names = ", ".join(f"{key} = {value!r}" for key, value in overrides.items())
+        detail = f"the weights do not fit the design with {names} ({err})"
+        field = next(iter(overrides)) if len(overrides) == 1 else None
+        raise ConfigError(f"design overrides: {detail}", field=field, detail=detail) from None
     model.eval()
     info.update(architecture=arch.to_dict(), params=count_params(arch))
     return model, info

@@ -247,7 +247,9 @@ def predict_unlabeled(
     from cerberus.evaluate import TTA_VIEWS, prepare_inference
 
     _check_layout(layout)
-    _check_distinct({"--input": input_path, "--output": output, "--probs": probs_path})
+    _check_distinct(
+        {"the checkpoint": checkpoint, "--input": input_path, "--output": output, "--probs": probs_path}
+    )
     run = prepare_inference(
         checkpoint,
         trust_pickle=trust_pickle,

@@ -244,13 +244,21 @@ class Run:
                 f"this run was trained by {saved_world} process(es); resume it with the same number "
                 f"(now {self.dist.world_size}), or the data shards and augmentation would change"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        if self.trainer.scaler is not None and ckpt.get("scaler") is not None:
-            self.trainer.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.ema is not None and ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            if self.trainer.scaler is not None and ckpt.get("scaler") is not None:
+                self.trainer.scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            # The weights were checked before anything was written; the rest of the state is
+            # only known to fit when PyTorch loads it.
+            raise CheckpointError(
+                f"the training state in last.pt does not fit this run ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else 'no details'}); it cannot be resumed"
+            ) from None
         self.metrics = list(ckpt.get("metrics", []))
         self.best_val = ckpt.get("best_val_accuracy")
         self.best_epoch = ckpt.get("best_epoch")
@@ -632,7 +640,7 @@ def train_run(
         ckpt = load_checkpoint(resume, trust_hint=None)
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ConfigError(f"{resume}: not a cerberus training checkpoint; cannot resume from it")
-        check_format(ckpt)
+        check_format(ckpt, resume)
         if ckpt.get("role") == "best":
             raise ConfigError(
                 f"{resume} holds the best epoch's weights only; resume from "
@@ -649,6 +657,8 @@ def train_run(
         with torch.device("meta"):
             expected = build_model(config.model.architecture()).state_dict()
         check_weights_fit(expected, ckpt["model"], resume)
+        if ckpt.get("ema") is not None:
+            check_weights_fit(expected, ckpt["ema"], resume)
         out_dir = resume.parent
         recorded = config.data.root
         if data_dir is None and recorded is not None and not Path(recorded).expanduser().is_dir():

@@ -408,8 +408,14 @@ def test_eval_overrides_reach_inference(weights, fake_cifar, tmp_path):
     assert json.loads(result.stdout)["architecture"]["skip_kernel"] == 3
     # overrides win over what the weights show, so a wrong one is reported
     result = runner.invoke(app, ["eval", str(weights), *args, "--skip-kernel", "3"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, like --blocks below, named by its flag
+    assert result.stderr.startswith(
+        "Error: --skip-kernel: the weights do not fit the design with skip_kernel = 3 ("
+    )
     assert "'layer2.0.shortcut.0.weight' has shape [16, 8, 1, 1] but the architecture needs" in result.stderr
+    result = runner.invoke(app, ["eval", str(weights), *args, "--skip-kernel", "3", "--pool-size", "4"])
+    assert result.exit_code == 2
+    assert "Error: design overrides: the weights do not fit the design with " in result.stderr
     # the weights always show the blocks: a different count is named by its flag
     result = runner.invoke(app, ["eval", str(weights), *args, "--blocks", "2", "2"])
     assert result.exit_code == 2

@@ -285,6 +285,12 @@ def test_predict_refuses_two_options_naming_one_file(tmp_path, weights):
         assert result.stderr == f"Error: {message}; give each its own file\n"
     assert source.read_bytes() == before
     assert not sub.exists() and not (tmp_path / "o.csv").exists()
+    model_bytes = weights.read_bytes()
+    for flag in ("--output", "--probs"):
+        result = runner.invoke(app, ["predict", str(weights), "--input", str(source), flag, str(weights)])
+        assert result.exit_code == 2, result.output
+        assert f"Error: the checkpoint and {flag} both name {weights.resolve()}" in result.stderr
+    assert weights.read_bytes() == model_bytes
 
 
 def test_predict_refuses_a_hard_link_to_the_input(tmp_path, weights):

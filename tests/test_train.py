@@ -263,28 +263,39 @@ def test_resuming_from_best_pt_is_refused(tmp_path, fake_cifar):
     assert "last.pt" in result.stderr
 
 
-def _other_design_weights(ckpt: dict) -> None:
-    ckpt["model"] = build_model(Architecture(blocks=(1,), channels=(8,))).state_dict()
+def _other_design_weights(ckpt: dict, key: str = "model") -> None:
+    ckpt[key] = build_model(Architecture(blocks=(1,), channels=(8,))).state_dict()
 
 
 @pytest.mark.parametrize(
-    "damage,message",
+    "damage,message,before_writing",
     [
-        (_other_design_weights, "the weights do not fit the architecture (missing 'layer2.0.conv1.weight'"),
-        (lambda ckpt: ckpt.pop("config"), "the training checkpoint has no 'config'; cannot resume"),
-        (lambda ckpt: ckpt.pop("rng"), "the training checkpoint has no 'rng'; cannot resume"),
-        (lambda ckpt: ckpt.update(format_version=999), "format version 999 (written by cerberus"),
-        (lambda ckpt: ckpt.update(model=[1, 2]), "found a builtins.list where the model's weights belong"),
+        (_other_design_weights, "do not fit the architecture (missing 'layer2.0.conv1.weight'", True),
+        (lambda c: _other_design_weights(c, "ema"), "do not fit the architecture (missing 'layer2", True),
+        (lambda c: c.pop("config"), "the training checkpoint has no 'config'; cannot resume", True),
+        (lambda c: c.pop("rng"), "the training checkpoint has no 'rng'; cannot resume", True),
+        (lambda c: c.update(format_version=999), "last.pt: checkpoint format version 999 (written by", True),
+        (lambda c: c.pop("format_version"), "last.pt: the checkpoint records no format version", True),
+        (lambda c: c.update(model=[1, 2]), "found a builtins.list where the model's weights belong", True),
+        (lambda c: c["optimizer"].update(param_groups=[]), "training state in last.pt does not fit", False),
     ],
-)
-def test_resume_refuses_a_damaged_last_pt_before_writing_anything(tmp_path, fake_cifar, damage, message):
-    cfg = tiny_config(tmp_path, "train.epochs=1")
+)  # fmt: skip
+def test_resume_refuses_a_damaged_last_pt_in_one_line(
+    tmp_path, fake_cifar, monkeypatch, damage, message, before_writing
+):
+    cfg = tiny_config(tmp_path, "train.epochs=1", "train.ema_decay=0.9")
     run = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
     ckpt = torch.load(run.out_dir / "last.pt", weights_only=True)
     damage(ckpt)
     (run.out_dir / "last.pt.sha256").unlink()
     torch.save(ckpt, run.out_dir / "last.pt")
     before = {p.name: p.read_bytes() for p in run.out_dir.iterdir()}
+    if before_writing:  # the file checks come before the run folder is touched
+
+        def no_writes(*args, **kwargs):
+            raise AssertionError("a file was written")
+
+        monkeypatch.setattr("cerberus.runner.atomic_write", no_writes)
     result = CliRunner().invoke(app, ["train", "--resume", str(run.out_dir / "last.pt")])
     assert result.exit_code != 0
     assert message in result.stderr

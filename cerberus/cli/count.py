@@ -46,7 +46,11 @@ def count_params_command(
         int | None, typer.Option(help="Parameter budget (default: 5,000,000 or the config's).")
     ] = None,
     summary: Annotated[
-        bool, typer.Option("--summary", help="Add torchinfo's layer table (with --json: layer_summary).")
+        bool,
+        typer.Option(
+            "--summary",
+            help="Add torchinfo's layer table (with --json: layer_summary); not past 1 GB of weights.",
+        ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
