@@ -404,11 +404,11 @@ def check_weights_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.
         parts = [f"{kind} {_some(keys)}" for kind, keys in groups if keys]
         raise CheckpointError(f"{path}: the weights do not fit the architecture ({'; '.join(parts)})")
     for key, value in expected.items():
-        found = state[key]
-        if not isinstance(found, torch.Tensor) or found.shape != value.shape:
-            found = list(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
+        given = state[key]
+        if not isinstance(given, torch.Tensor) or given.shape != value.shape:
+            shape = list(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
             raise CheckpointError(
-                f"{path}: {key!r} has shape {found} but the architecture needs {list(value.shape)}"
+                f"{path}: {key!r} has shape {shape} but the architecture needs {list(value.shape)}"
             )
 
 

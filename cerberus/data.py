@@ -236,12 +236,14 @@ def _download(root: Path, url: str) -> None:
 
 def _download_into(root: Path, folder: Path, url: str) -> None:
     try:
-        try:
+        for attempt in (1, 2):  # twice: another process's failed download may remove a new root
             root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))
-        except FileNotFoundError:  # another process's failed download removed the new folder
-            root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))
+            try:
+                staging = Path(tempfile.mkdtemp(prefix=".cerberus-download-", dir=root))
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
     except OSError as err:
         raise DataError(f"cannot create the data folder {root.absolute()} ({err.strerror or err})") from None
     try:

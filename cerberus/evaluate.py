@@ -326,7 +326,7 @@ def load_model(
     try:
         _load_weights(model, state, path)
     except CheckpointError as err:
-        if info["source"] != "state_dict" or not overrides:
+        if not overrides:  # (only plain state_dicts take them)
             raise
         # The weights were read as the design the overrides asked for: the overrides are at fault.
         names = ", ".join(f"{key} = {value!r}" for key, value in overrides.items())

@@ -411,26 +411,34 @@ def test_a_stop_between_save_points_still_writes_last_pt_and_resumes_exactly(tmp
     assert full.summary["test_accuracy"] == resumed.summary["test_accuracy"]
 
 
+def bare_trainer(images: torch.Tensor, batch: int, **kwargs):
+    """A Trainer over ``images`` (seed 5, CPU fp32) with no model worth training: for batch order
+    and augmentation inputs."""
+    from cerberus.device import Placement
+    from cerberus.engine import Trainer
+
+    return Trainer(
+        model=torch.nn.Linear(1, 1),
+        optimizer=None,
+        schedule=None,
+        augmenter=kwargs.pop("augmenter", None),
+        placement=Placement(torch.device("cpu"), "fp32", False),
+        cfg=TrainConfig(batch_size=batch),
+        seed=5,
+        images=images,
+        labels=torch.zeros(len(images), dtype=torch.long),
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("world_size,rank", [(1, 0), (3, 0), (3, 2)])
 def test_the_trainer_draws_the_batches_the_data_module_defines(world_size, rank):
     """Trainer.batch_indices (the epoch's order kept on the device) equals data.batch_indices."""
     from cerberus.data import batch_indices
-    from cerberus.device import Placement
-    from cerberus.engine import Trainer
 
     n, batch = 103, 16
-    trainer = Trainer(
-        model=torch.nn.Linear(1, 1),
-        optimizer=None,
-        schedule=None,
-        augmenter=None,
-        placement=Placement(torch.device("cpu"), "fp32", False),
-        cfg=TrainConfig(batch_size=batch),
-        seed=5,
-        images=torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
-        labels=torch.zeros(n, dtype=torch.long),
-        rank=rank,
-        world_size=world_size,
+    trainer = bare_trainer(
+        torch.zeros(n, 3, 32, 32, dtype=torch.uint8), batch, rank=rank, world_size=world_size
     )
     for epoch in (0, 1, 0):
         for step in range(7):
@@ -439,9 +447,6 @@ def test_the_trainer_draws_the_batches_the_data_module_defines(world_size, rank)
 
 
 def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch():
-    from cerberus.device import Placement
-    from cerberus.engine import Trainer
-
     class Seen(Exception):
         pass
 
@@ -458,17 +463,8 @@ def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch():
 
     n, batch = 103, 16
     recorder = Recorder()
-    trainer = Trainer(
-        model=torch.nn.Linear(1, 1),
-        optimizer=None,
-        schedule=None,
-        augmenter=recorder,
-        placement=Placement(torch.device("cpu"), "fp32", False),
-        cfg=TrainConfig(batch_size=batch),
-        seed=5,
-        images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous(),
-        labels=torch.zeros(n, dtype=torch.long),
-    )
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    trainer = bare_trainer(images, batch, augmenter=recorder)
     for epoch in range(3):
         for step in range(trainer.steps_per_epoch):
             with pytest.raises(Seen):
