@@ -18,7 +18,7 @@ from cerberus.augment import normalize
 from cerberus.cli import app
 from cerberus.config import AugmentConfig, TrainConfig, load_config
 from cerberus.data import load_cifar10, make_splits
-from cerberus.engine import LRSchedule, whitening_filters
+from cerberus.engine import EMA, LRSchedule, whitening_filters
 from cerberus.errors import ConfigError, DivergenceError, Interrupted
 from cerberus.model import build_model
 from cerberus.runner import train_run
@@ -578,3 +578,147 @@ def test_whiten_stem_needs_an_even_stem_that_whitening_fills(tmp_path, stem, ker
     tiny_config(
         tmp_path, f"model.stem_channels={most}", f"model.stem_kernel={kernel}", "train.whiten_stem=true"
     )
+
+
+def test_ema_averages_every_tensor_and_pairs_again_with_another_model():
+    torch.manual_seed(0)
+    arch = Architecture(blocks=(1, 1), channels=(4, 8))
+    model = build_model(arch)
+    ema = EMA(model, 0.75)
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(6, 3, 32, 32)
+
+    def step_and_average(m: torch.nn.Module) -> None:
+        m(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(m)
+        for name, value in m.state_dict().items():
+            if value.is_floating_point():
+                expected[name].lerp_(value, 0.25)
+            else:
+                expected[name].copy_(value)
+
+    for _ in range(3):
+        step_and_average(model)
+    # a checkpoint loaded into the same model changes its tensors in place: still tracked
+    model.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    step_and_average(model)
+    assert ema.state["bn1.num_batches_tracked"].item() == 4
+    for name, value in expected.items():
+        assert torch.equal(ema.state[name], value), name
+    # another model (a copy, as after a move): the average follows the tensors it is given
+    other = build_model(arch)
+    other.load_state_dict(model.state_dict())
+    other.bn1.running_mean.fill_(3.0)
+    ema.update(other)
+    assert torch.equal(
+        ema.state["bn1.running_mean"], expected["bn1.running_mean"].lerp(other.bn1.running_mean, 0.25)
+    )
+
+
+CHUNK_AUGMENT = AugmentConfig(
+    crop_padding=2,
+    crop_mode="reflect",
+    flip=True,
+    flip_mode="alternate",
+    rotation=10.0,
+    cutout_size=4,
+    cutmix_alpha=1.0,
+    mix_prob=0.5,
+)
+
+
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (3, 2)])
+def test_chunked_augmentation_gives_each_step_the_same_batch_whatever_ran_before(world_size, rank):
+    """augment_chunk > 1 (GPUs): a step's batch is a function of (seed, epoch, step), so a resumed
+    run that starts mid-chunk sees what an uninterrupted one saw."""
+    from cerberus.augment import Augmenter
+
+    n, batch = 103, 16  # 7 steps, the last of 7 images: chunks of 3 are steps 0-2, 3-5 and 6
+    images = torch.randint(
+        0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+
+    def trainer():
+        augmenter = Augmenter(CHUNK_AUGMENT, (0.5,) * 3, (0.25,) * 3)
+        return bare_trainer(
+            images, batch, augmenter=augmenter, augment_chunk=3, rank=rank, world_size=world_size
+        )
+
+    in_order = trainer()
+    for epoch in (0, 1):
+        batches = [in_order._augmented(epoch, s, in_order.batch_indices(epoch, s)) for s in range(7)]
+        for step in (6, 4, 0, 5):  # each from a fresh trainer, as after a resume
+            fresh = trainer()
+            x, targets = fresh._augmented(epoch, step, fresh.batch_indices(epoch, step))
+            assert torch.equal(x, batches[step][0]) and torch.equal(targets, batches[step][1])
+        assert batches[6][0].shape[0] == len(in_order.batch_indices(epoch, 6))
+        assert not torch.equal(batches[3][0][:2], batches[4][0][:2])
+    assert not torch.equal(batches[0][0], trainer()._augmented(0, 0, in_order.batch_indices(0, 0))[0])
+
+
+def test_chunked_augmentation_hands_each_step_its_own_images_and_labels():
+    from cerberus.augment import Augmenter, normalize
+
+    n, batch = 50, 8
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    augmenter = Augmenter(AugmentConfig(crop_padding=0, flip=False), (0.5,) * 3, (0.25,) * 3)
+    trainer = bare_trainer(images, batch, augmenter=augmenter, augment_chunk=4)
+    trainer.labels = torch.arange(n)
+    seen = []
+    for step in range(trainer.steps_per_epoch):
+        idx = trainer.batch_indices(2, step)
+        x, targets = trainer._augmented(2, step, idx)
+        assert torch.equal(x, normalize(images[idx], (0.5,) * 3, (0.25,) * 3))
+        assert torch.equal(targets, idx)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(n))
+
+
+def test_a_run_resumed_mid_chunk_ends_bitwise_equal_to_an_uninterrupted_one():
+    import copy
+
+    from cerberus.augment import Augmenter
+    from cerberus.device import Placement
+    from cerberus.engine import EpochState, Trainer, build_optimizer
+
+    torch.manual_seed(0)
+    n, cfg = 60, TrainConfig(batch_size=8, lr=0.05, ema_decay=0.9)  # 8 steps
+    images = torch.randint(
+        0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3))
+    start = build_model(Architecture(blocks=(1,), channels=(4,)))
+
+    def trainer(model):
+        return Trainer(
+            model=model,
+            optimizer=build_optimizer(model, cfg),
+            schedule=LRSchedule(cfg, 8),
+            augmenter=Augmenter(CHUNK_AUGMENT, (0.5,) * 3, (0.25,) * 3),
+            placement=Placement(torch.device("cpu"), "fp32", False),
+            cfg=cfg,
+            seed=7,
+            images=images,
+            labels=labels,
+            ema=EMA(model, cfg.ema_decay),
+            augment_chunk=3,
+        )
+
+    whole = trainer(copy.deepcopy(start))
+    for epoch in (0, 1):
+        whole.run_epoch(epoch, EpochState())
+    cut = trainer(copy.deepcopy(start))
+    cut.run_epoch(0, EpochState())
+    steps = iter(range(100))
+    _, stopped_at = cut.run_epoch(1, EpochState(), should_stop=lambda: next(steps) == 3)
+    assert stopped_at == 4  # inside the chunk of steps 3-5
+    resumed = trainer(copy.deepcopy(cut.model))
+    resumed.optimizer.load_state_dict(cut.optimizer.state_dict())
+    resumed.ema.load_state_dict(cut.ema.state_dict())
+    resumed.run_epoch(1, EpochState(), start_step=stopped_at)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+        assert torch.equal(resumed.ema.state[name], whole.ema.state[name]), name
