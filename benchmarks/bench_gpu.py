@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -82,8 +81,6 @@ def main() -> None:
         label_smoothing=cfg.augment.label_smoothing,
         ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None,
     )
-    # The same loop with the augmentation launched batch by batch, where a chunk is the default.
-    per_batch = dataclasses.replace(trainer, augment_chunk=1) if trainer.augment_chunk > 1 else None
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(t.batch_size, 3, 32, 32, device=device).contiguous(memory_format=mf)
     y = torch.randint(0, 10, (t.batch_size,), device=device)
@@ -91,10 +88,10 @@ def main() -> None:
     def bare(steps: int) -> float:
         return bare_steps_seconds(bare_model, bare_opt, x, y, placement, steps)
 
-    def loop(epoch: int, which=trainer) -> float:
+    def loop(epoch: int) -> float:
         synchronize(device)
         start = time.perf_counter()
-        which.run_epoch(epoch, EpochState())
+        trainer.run_epoch(epoch, EpochState())
         synchronize(device)
         return time.perf_counter() - start
 
@@ -114,32 +111,18 @@ def main() -> None:
 
     steps = -(-n // t.batch_size)
     bare(steps), loop(0), evaluate()  # warm-up: cuDNN's algorithm search, allocator
-    sides = ["bare", "loop"] + (["per_batch"] if per_batch is not None else [])
-    if per_batch is not None:
-        loop(0, per_batch)
-    times: dict[str, list[float]] = {side: [] for side in [*sides, "eval"]}
+    times: dict[str, list[float]] = {"bare": [], "loop": [], "eval": []}
     for rep in range(args.reps):
-        for side in sides if rep % 2 == 0 else sides[::-1]:
-            if side == "bare":
-                times[side].append(bare(steps))
-            else:
-                times[side].append(loop(rep + 1, trainer if side == "loop" else per_batch))
+        for side in ("bare", "loop") if rep % 2 == 0 else ("loop", "bare"):
+            times[side].append(bare(steps) if side == "bare" else loop(rep + 1))
         times["eval"].append(evaluate())
-        extra = f", loop augmenting batch by batch {times['per_batch'][-1]:.2f} s" if per_batch else ""
         print(
-            f"  rep {rep + 1}: bare {times['bare'][-1]:.2f} s, loop {times['loop'][-1]:.2f} s{extra} "
+            f"  rep {rep + 1}: bare {times['bare'][-1]:.2f} s, loop {times['loop'][-1]:.2f} s "
             f"({n} images each), test evaluation {times['eval'][-1]:.2f} s",
             flush=True,
         )
     bare_rate = steps * t.batch_size / median(times["bare"])
     loop_rate = n / median(times["loop"])
-    if per_batch is not None:
-        per_batch_rate = n / median(times["per_batch"])
-        print(
-            f"augmentation in chunks of {trainer.augment_chunk} steps: loop {loop_rate:,.0f} img/s "
-            f"against {per_batch_rate:,.0f} batch by batch ({loop_rate / per_batch_rate:.3f}x; "
-            f"{per_batch_rate / bare_rate:.1%} of bare)"
-        )
     test_n = len(splits.test_labels)
     eval_seconds = median(times["eval"])
     epoch_seconds = train_n / loop_rate + eval_seconds
@@ -156,8 +139,6 @@ def main() -> None:
         "batch_size": t.batch_size,
         "bare_images_per_sec": round(bare_rate, 1),
         "loop_images_per_sec": round(loop_rate, 1),
-        "augment_chunk": trainer.augment_chunk,
-        "per_batch_loop_images_per_sec": round(per_batch_rate, 1) if per_batch is not None else None,
         "eval_images_per_sec": round(test_n / eval_seconds, 1),
         "epoch_seconds": round(epoch_seconds, 3),
         "minutes": args.minutes,

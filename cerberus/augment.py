@@ -207,17 +207,6 @@ class Augmenter:
         (B,)) decides the flips instead of a coin per image (``flip_mode = "alternate"``, see
         :func:`alternating_flips`).
         """
-        x = self.transform(images, generator, mirrored)
-        return self.mix(x, labels, generator)
-
-    def transform(
-        self, images: torch.Tensor, generator: torch.Generator, mirrored: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The per-image part: uint8 (B, 3, H, W) -> normalised float32, each image on its own.
-
-        Crop, flip, rotation, normalisation and cutout: any number of batches can go through at
-        once (the mix, which pairs images within a batch, is :meth:`mix`).
-        """
         _check_images(images)
         if generator.device.type != images.device.type:
             raise ValueError(f"the generator is on {generator.device}, the images on {images.device}")
@@ -231,21 +220,19 @@ class Augmenter:
         x = _normalize_(x, scale, shift, torch.float32)
         if cfg.cutout_size:
             x = _cutout_(x, cfg.cutout_size, cfg.cutout_holes, generator)
-        return x
+        if not self.mixes:
+            return x, labels
+        return self._mix(x, labels, generator)
 
-    def mix(
+    def _mix(
         self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch part: mixup or cutmix of one batch, or the labels as they are without them.
-
-        Mixup or cutmix pair the batch with a shuffled copy of itself, without syncing with the host.
+        """Mixup or cutmix with a shuffled copy of the batch, without syncing with the host.
 
         Both are ``lerp(x[perm], x, weight)``: weight = lambda everywhere for mixup, 0 inside the
         pasted box and 1 outside for cutmix, 1 for a batch the ``mix_prob`` coin leaves alone
         (``lerp`` is exact at 0 and 1). Targets are mixed with the same (area-corrected) lambda.
         """
-        if not self.mixes:
-            return x, labels
         cfg = self.cfg
         b, _, h, w = x.shape
         device = x.device

@@ -517,12 +517,3 @@ def step_generator(
     """A fresh generator on ``device`` for one step's augmentation, seeded from all four numbers."""
     generator = torch.Generator(device=torch.device(device))
     return generator.manual_seed(_derive_seed("augment", seed, epoch, step, rank))
-
-
-def chunk_generator(
-    seed: int, epoch: int, first_step: int, device: torch.device | str, rank: int = 0
-) -> torch.Generator:
-    """A fresh generator on ``device`` for the per-image augmentation of a run of steps starting at
-    ``first_step`` (see :class:`cerberus.engine.Trainer`), apart from every step's own stream."""
-    generator = torch.Generator(device=torch.device(device))
-    return generator.manual_seed(_derive_seed("augment-chunk", seed, epoch, first_step, rank))

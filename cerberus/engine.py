@@ -21,7 +21,7 @@ from torch import nn
 
 from cerberus.augment import Augmenter, alternating_flips, normalize
 from cerberus.config import TrainConfig
-from cerberus.data import batch_indices, chunk_generator, step_generator, steps_per_epoch
+from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
 from cerberus.errors import ConfigError, DivergenceError
 
@@ -176,10 +176,9 @@ class EMA:
 
     The first :meth:`update` with a model pairs each of its tensors with the average's, and later
     updates with that same model reuse the pairing: a step then costs two multi-tensor kernels and
-    no walk over the modules (~0.6 ms of host time a step for ResNet-24, which shows wherever a
-    fast GPU waits on the host). The model's tensors must therefore change in place, as
-    optimizers and ``load_state_dict`` change them; a model moved with ``.to()`` after its first
-    update needs a new EMA.
+    no walk over the modules (which took ~0.6 ms of host time a step for ResNet-24 on the CPU).
+    The model's tensors must therefore change in place, as optimizers and ``load_state_dict``
+    change them; a model moved with ``.to()`` after its first update needs a new EMA.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -212,10 +211,6 @@ class EMA:
 
 # --------------------------------------------------------------------------------------------
 # One epoch
-
-# Images whose per-image augmentation a GPU runs in one call (Trainer.augment_chunk): 48 MB as
-# float32, 32 steps of 128 images.
-AUGMENT_CHUNK_IMAGES = 4096
 
 
 @dataclass
@@ -256,21 +251,13 @@ class Trainer:
     world_size: int = 1
     base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
-    # Steps whose per-image augmentation runs as one call; 0: 1 on the CPU, elsewhere as many as
-    # fill AUGMENT_CHUNK_IMAGES (see _augmented).
-    augment_chunk: int = 0
     _sync_every: int = field(default=1)
     _flips: torch.Tensor | None = field(default=None)  # flip_mode = "alternate": even epochs' flips
-    _chunk_key: tuple[int, int] | None = field(default=None)  # (epoch, first step) of _chunk
-    _chunk: tuple[torch.Tensor, ...] = field(default=())  # each step's augmented images
 
     def __post_init__(self) -> None:
         if self.base_model is None:
             self.base_model = self.model
-        on_cpu = self.placement.device.type == "cpu"
-        self._sync_every = 1 if on_cpu else 20
-        if self.augment_chunk <= 0:
-            self.augment_chunk = 1 if on_cpu else max(1, AUGMENT_CHUNK_IMAGES // self.cfg.batch_size)
+        self._sync_every = 1 if self.placement.device.type == "cpu" else 20
         aug = self.augmenter.cfg if self.augmenter is not None else None
         if aug is not None and aug.flip and aug.flip_mode == "alternate":
             self._flips = alternating_flips(self.seed, len(self.labels), self.images.device)
@@ -280,36 +267,6 @@ class Trainer:
         n, batch = len(self.labels), self.cfg.batch_size
         return batch_indices(n, batch, self.seed, epoch, step, self.rank, self.world_size, self.images.device)
 
-    def _mirrored(self, epoch: int, idx: torch.Tensor) -> torch.Tensor | None:
-        return None if self._flips is None else self._flips[idx] ^ (epoch % 2 == 1)
-
-    def _augmented(self, epoch: int, step: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step ``step``'s augmented images and targets, from this rank's indices ``idx``.
-
-        With ``augment_chunk = 1`` one call augments the batch with the step's generator. With
-        more, the per-image part (:meth:`Augmenter.transform`) runs once for the ``augment_chunk``
-        steps from ``step - step % augment_chunk`` on, from a generator of that first step
-        (:func:`cerberus.data.chunk_generator`), and each step takes its slice and mixes it with
-        its own generator. The few dozen small kernels of a batch's augmentation then launch once
-        per chunk: on a fast GPU a step of a small batch waits on the host, not the device. A
-        step's images stay a pure function of ``(seed, epoch, step)``, so resume stays exact.
-        """
-        device = self.placement.device
-        generator = step_generator(self.seed, epoch, step, device, self.rank)
-        if self.augment_chunk == 1:
-            return self.augmenter(self.images[idx], self.labels[idx], generator, self._mirrored(epoch, idx))
-        first = step - step % self.augment_chunk
-        if self._chunk_key != (epoch, first):
-            self._chunk = ()  # free the previous chunk before making the next
-            last = min(first + self.augment_chunk, self.steps_per_epoch)
-            parts = [idx if s == step else self.batch_indices(epoch, s) for s in range(first, last)]
-            every = torch.cat(parts)
-            chunk_gen = chunk_generator(self.seed, epoch, first, device, self.rank)
-            x = self.augmenter.transform(self.images[every], chunk_gen, self._mirrored(epoch, every))
-            self._chunk = x.split([len(part) for part in parts])
-            self._chunk_key = (epoch, first)
-        return self.augmenter.mix(self._chunk[step - first], self.labels[idx], generator)
-
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.labels), self.cfg.batch_size)
@@ -318,7 +275,9 @@ class Trainer:
         """One optimisation step; returns (loss sum, correct count, images, lr) of this rank."""
         n = len(self.labels)
         idx = self.batch_indices(epoch, step)
-        x, targets = self._augmented(epoch, step, idx)
+        generator = step_generator(self.seed, epoch, step, self.placement.device, self.rank)
+        mirrored = None if self._flips is None else self._flips[idx] ^ (epoch % 2 == 1)
+        x, targets = self.augmenter(self.images[idx], self.labels[idx], generator, mirrored)
         x = x.contiguous(memory_format=self.placement.memory_format)
         lr = self.schedule.apply(self.optimizer, epoch, step)
         with self.placement.autocast():
@@ -406,5 +365,4 @@ class Trainer:
                 stop = False  # under DDP the ranks vote at the next sync point (alone, stop syncs)
             if stop:
                 break
-        self._chunk, self._chunk_key = (), None  # the memory is the evaluation's now
         return state, step
