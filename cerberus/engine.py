@@ -178,7 +178,9 @@ class EMA:
     updates with that same model reuse the pairing: a step then costs two multi-tensor kernels and
     no walk over the modules (which took ~0.6 ms of host time a step for ResNet-24 on the CPU).
     The model's tensors must therefore change in place, as optimizers and ``load_state_dict``
-    change them; a model moved with ``.to()`` after its first update needs a new EMA.
+    change them. A model whose tensors are replaced after its first update (``.to()`` to another
+    device or memory format) needs a new EMA: this one would go on, silently, averaging the
+    tensors it was paired with.
     """
 
     def __init__(self, model: nn.Module, decay: float):

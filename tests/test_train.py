@@ -608,7 +608,7 @@ def test_ema_averages_every_tensor_and_pairs_again_with_another_model():
     assert ema.state["bn1.num_batches_tracked"].item() == 4
     for name, value in expected.items():
         assert torch.equal(ema.state[name], value), name
-    # another model (a copy, as after a move): the average follows the tensors it is given
+    # another model object (here a copy): the average pairs again, with the tensors it is given
     other = build_model(arch)
     other.load_state_dict(model.state_dict())
     other.bn1.running_mean.fill_(3.0)
