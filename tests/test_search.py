@@ -327,6 +327,18 @@ def test_cli_json(tmp_path) -> None:
     assert "configs" not in plain  # nothing was asked to be written
 
 
+def test_a_long_count_says_so_when_no_progress_bar_can_show(tmp_path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [4]\nblocks = [1, 50]\nbase_width = [8]\n")  # 50**4 designs
+    result = invoke(str(space), "--max-params", "20000", "--top", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert "counting 6,250,000 designs" in result.stderr
+    assert json.loads(result.stdout)["total"] == 6_250_000
+    small = tmp_path / "small.toml"
+    small.write_text("stages = [3]\nblocks = [1, 4]\nbase_width = [16]\n")
+    assert "counting" not in invoke(str(small), "--max-params", "500000", "--json").stderr
+
+
 def test_ctrl_c_while_counting_says_so_and_exits_130(tmp_path, monkeypatch) -> None:
     import cerberus.search
 

@@ -63,12 +63,18 @@ def candidates_table(enumeration):
     return table
 
 
+LONG_COUNT = 5_000_000  # designs: counting more takes long enough to say so
+
+
 def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
     from cerberus.search import count_designs, enumerate_designs, write_candidate_configs
 
     err = console(stderr=True)
     on_progress, progress = None, None
-    if err.is_terminal and count_designs(space) > 5_000_000:
+    total = count_designs(space)
+    if total > LONG_COUNT and not err.is_terminal:  # no live bar to show that work goes on
+        err.print(f"counting {total:,} designs (tens of millions a second; Ctrl-C stops)")
+    elif total > LONG_COUNT:
         from rich.progress import Progress
 
         progress = Progress(console=err, transient=True)
