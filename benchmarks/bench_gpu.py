@@ -53,7 +53,7 @@ def main() -> None:
 
     cfg = load_config(args.config, [*args.set, f"data.root={args.data_dir}"])
     t = cfg.train
-    placement = resolve_placement(t.device, t.precision, t.channels_last)
+    placement = resolve_placement(t.device, t.precision, t.channels_last, arch=cfg.model.architecture())
     tune_backends(placement)
     device, mf = placement.device, placement.memory_format
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

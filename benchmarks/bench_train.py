@@ -183,7 +183,7 @@ def loop(args) -> None:
         exp = load_config(args.config)
         arch, augment, batch = exp.model.architecture(), exp.augment, exp.train.batch_size
         mean, std = exp.data.mean, exp.data.std
-        placement = resolve_placement(args.device, exp.train.precision, exp.train.channels_last)
+        placement = resolve_placement(args.device, exp.train.precision, exp.train.channels_last, arch=arch)
         # the config's optimizer and EMA; a constant LR (the schedule's shape costs nothing)
         cfg = exp.train.model_copy(update={"epochs": 1000, "schedule": "constant", "warmup_epochs": 0})
         ema_decay, smoothing = exp.train.ema_decay, exp.augment.label_smoothing
@@ -191,7 +191,7 @@ def loop(args) -> None:
         arch, batch = Architecture(blocks=BLOCKS, channels=CHANNELS), BATCH
         augment = AugmentConfig(crop_padding=4, flip=True)
         mean, std = CIFAR10_MEAN, CIFAR10_STD
-        placement = resolve_placement(args.device)
+        placement = resolve_placement(args.device, arch=arch)
         cfg = TrainConfig(
             epochs=1000, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant"
         )

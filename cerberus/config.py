@@ -247,8 +247,9 @@ class TrainConfig(Section):
     device: Device = Field(default="auto", description="Device.")
     channels_last: bool | None = Field(
         default=None,
-        description="channels_last memory format. Default: on where it is faster (CUDA, bf16/fp16; "
-        "on x86-64 CPUs in fp32 for evaluation only).",
+        description="channels_last memory format. Default: on where it is faster (CUDA, bf16/fp16, "
+        "x86-64 CPUs), except for CPU training of designs with a strided 1x1 conv reading fewer "
+        "than 16 channels (refused when set: oneDNN trains those wrongly).",
     )
     compile: bool = Field(default=False, description="torch.compile the model (opt-in).")
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = torch's default.")

@@ -4,12 +4,14 @@
 * precision ``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX;
   fp16 with a gradient scaler on GPUs with fp16 but no bf16; fp32 otherwise.
 * channels_last (NHWC) for the convolutions on CUDA and wherever a reduced precision is used
-  (cuDNN and oneDNN pick their fastest kernels for it), unless the config says otherwise. On the
-  CPU in fp32 NHWC trained 1.15-1.75x faster on an AVX2-only EPYC (benchmarks/RESULTS.md), but
-  oneDNN's backward pass hung there on some very narrow strided designs (2-4 channels), so for
-  training it stays opt-in (``train.channels_last = true``) in fp32 on the CPU. Inference (forward
-  only, no such problem found) uses NHWC on x86-64 CPUs whenever the layout is left to ``auto``:
-  1.3x the images/s of NCHW for ResNet-24 there (other CPUs, where it was not measured, keep NCHW).
+  (cuDNN and oneDNN pick their fastest kernels for it), unless the config says otherwise. On
+  x86-64 CPUs in fp32 NHWC trained 1.15-1.75x faster on an AVX2-only EPYC and evaluated 1.3x
+  faster (benchmarks/RESULTS.md), so it is the default there too, with one exception: oneDNN's
+  backward pass of a strided 1x1 convolution that reads fewer channels than its kernel's channel
+  block hangs or computes wrong gradients in NHWC (oneDNN issue #6035; see
+  :func:`nhwc_backward_hazard`). A design with such a layer trains in NCHW when the layout is
+  left to ``auto``, and asking for channels_last is refused. Other CPUs, where NHWC was not
+  measured, keep NCHW.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cerberus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cerberus.arch import Architecture
 
 
 @functools.cache
@@ -122,20 +128,67 @@ class Placement:
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
 
+# Below this many input channels a strided 1x1 convolution's backward pass in NHWC is unsafe in
+# oneDNN on x86 CPUs: the channel block of its 1x1 kernels, 8 floats with AVX2, 16 with AVX-512.
+NHWC_SAFE_CHANNELS = 16
+
+
+def nhwc_backward_hazard(arch: Architecture) -> str | None:
+    """The first layer of ``arch`` that oneDNN cannot train in channels_last on an x86 CPU, or None.
+
+    oneDNN's 1x1 backward-weights kernel for a stride above 1 (its "reduce to unit stride" path)
+    writes past its workspace when an NHWC input has fewer channels than the kernel's channel
+    block (oneDNN issue #6035): the pass hangs, crashes or returns wrong weight gradients (here:
+    hangs, and gradients wrong by several times their norm; ``benchmarks/probe_nhwc_backward.py``).
+    The channel block is 8 floats with AVX2 and 16 with AVX-512. In this family the strided convs are
+    the first conv and the projection shortcut of the first block of every stage after the
+    first under ``downsample = "stride"``; the named layer is a 1x1 one of those reading fewer
+    than :data:`NHWC_SAFE_CHANNELS` channels, as ``layerI.0.conv1`` or ``layerI.0.shortcut.0``.
+    ``downsample = "pool"`` strides no convolution.
+    """
+    if arch.downsample != "stride":
+        return None
+    for i in range(1, len(arch.blocks)):
+        reads = arch.widths[i - 1]
+        if reads >= NHWC_SAFE_CHANNELS:
+            continue
+        if arch.conv_kernel == 1:
+            return f"layer{i + 1}.0.conv1 (a strided 1x1 conv reading {reads} channels)"
+        if arch.skip_kernel == 1:
+            return f"layer{i + 1}.0.shortcut.0 (a strided 1x1 conv reading {reads} channels)"
+    return None
+
+
 def resolve_placement(
     device: str = "auto",
     precision: str = "auto",
     channels_last: bool | None = None,
     *,
     sources: tuple[str, str] = ("train.device", "train.precision"),
+    arch: Architecture | None = None,
 ) -> Placement:
-    """Resolve the config's ``auto`` choices for this machine; ``sources`` name the two settings."""
+    """Resolve the config's ``auto`` choices for this machine; ``sources`` name the two settings.
+
+    ``arch`` is the design to be trained: on an x86-64 CPU in fp32, training then runs in
+    channels_last unless :func:`nhwc_backward_hazard` names a layer, and ``channels_last=True``
+    with such a layer is a :class:`ConfigError`. Without ``arch`` (evaluation, prediction) the
+    CPU trains in NCHW and infers in channels_last.
+    """
     dev = resolve_device(device, source=sources[0])
     prec = resolve_precision(precision, dev, source=sources[1])
+    hazard = nhwc_backward_hazard(arch) if arch is not None and dev.type == "cpu" else None
+    if channels_last and hazard is not None:
+        raise ConfigError(
+            f"train.channels_last: oneDNN trains {hazard} wrongly in channels_last on the CPU "
+            "(it hangs or returns wrong gradients); set train.channels_last = false, or widen "
+            "the stage before it to at least 16 channels",
+            field="train.channels_last",
+        )
     if channels_last is not None:
         return Placement(dev, prec, channels_last, channels_last)
-    train_layout = prec != "fp32" or dev.type == "cuda"
-    return Placement(dev, prec, train_layout, train_layout or (dev.type == "cpu" and _x86_64()))
+    x86_cpu = dev.type == "cpu" and _x86_64()
+    train_layout = prec != "fp32" or dev.type == "cuda" or (x86_cpu and arch is not None)
+    return Placement(dev, prec, train_layout and hazard is None, train_layout or x86_cpu)
 
 
 def tune_backends(placement: Placement) -> None:

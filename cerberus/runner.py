@@ -175,6 +175,7 @@ class Run:
             cfg.train.device if self.dist.device is None else self.dist.device.type,
             cfg.train.precision,
             cfg.train.channels_last,
+            arch=cfg.model.architecture(),
         )
         if self.dist.device is not None:
             self.placement = dataclasses.replace(self.placement, device=self.dist.device)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cerberus.arch import Architecture
 from cerberus.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
 from cerberus.cli import app
-from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, ExperimentConfig, config_from_dict
+from cerberus.config import CIFAR10_MEAN, CIFAR10_STD, ExperimentConfig, config_from_dict, load_config
 from cerberus.data import CLASSES, load_cifar10
 from cerberus.device import Placement
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
@@ -160,6 +160,63 @@ def test_cpu_inference_runs_channels_last_unless_the_layout_is_set(monkeypatch):
         assert placement.channels_last is chosen and placement.inference_layout is chosen
     monkeypatch.setattr(device.platform, "machine", lambda: "aarch64")  # not measured there: NCHW
     assert device.resolve_placement("cpu").inference_layout is False
+
+
+@pytest.mark.parametrize(
+    "design,hazard",
+    [
+        (
+            dict(blocks=(1, 1, 1), channels=(4, 8, 16)),
+            "layer2.0.shortcut.0 (a strided 1x1 conv reading 4 channels)",
+        ),
+        (
+            dict(blocks=(1, 1, 1), channels=(16, 8, 16)),
+            "layer3.0.shortcut.0 (a strided 1x1 conv reading 8 channels)",
+        ),
+        (
+            dict(blocks=(1, 1), channels=(8, 8), conv_kernel=1),
+            "layer2.0.conv1 (a strided 1x1 conv reading 8 channels)",
+        ),
+        (dict(blocks=(1, 1, 1), channels=(4, 8, 16), skip_kernel=3), None),  # 3x3 shortcuts
+        (dict(blocks=(1, 1, 1), channels=(4, 8, 16), downsample="pool"), None),  # no strided conv
+        (dict(blocks=(1, 1, 1), channels=(16, 32, 64)), None),
+        (dict(blocks=(3, 5, 3), channels=(64, 128, 256)), None),
+    ],
+)
+def test_training_on_the_cpu_avoids_onednns_nhwc_fault(monkeypatch, design, hazard):
+    """oneDNN (issue #6035) trains a strided 1x1 conv over < 16 channels wrongly in NHWC: auto keeps
+    NCHW for such designs, an explicit channels_last is refused; other designs train in NHWC."""
+    import cerberus.device as device
+    from cerberus.arch import Architecture
+    from cerberus.errors import ConfigError
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    arch = Architecture(**design)
+    assert device.nhwc_backward_hazard(arch) == hazard
+    auto = device.resolve_placement("cpu", arch=arch)
+    assert (auto.channels_last, auto.inference_layout) == (hazard is None, True)
+    assert device.resolve_placement("cpu", "fp32", False, arch=arch).channels_last is False
+    if hazard is None:
+        assert device.resolve_placement("cpu", "fp32", True, arch=arch).channels_last is True
+    else:
+        with pytest.raises(ConfigError, match=r"train\.channels_last") as err:
+            device.resolve_placement("cpu", "fp32", True, arch=arch)
+        assert hazard in str(err.value)
+        bf16 = device.resolve_placement("cpu", "bf16", arch=arch)  # the fault is not fp32's alone
+        assert (bf16.channels_last, bf16.inference_layout) == (False, True)
+    monkeypatch.setattr(device.platform, "machine", lambda: "aarch64")  # not measured there: NCHW
+    assert device.resolve_placement("cpu", arch=arch).channels_last is False
+
+
+def test_an_unsafe_channels_last_config_is_refused_before_anything_is_written(tmp_path):
+    from cerberus.runner import train_run
+
+    cfg = load_config(None, ["model.blocks=[1,1]", "model.channels=[4,8]", "train.channels_last=true"])
+    with pytest.raises(ConfigError, match=r"layer2\.0\.shortcut\.0") as err:
+        train_run(cfg, out_dir=tmp_path / "run", data_dir=str(tmp_path / "no-data"))
+    assert err.value.exit_code == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_inference_layout_leaves_the_live_model_as_it_is():
