@@ -435,6 +435,16 @@ def trials(tmp_path, trainer, n=3, space=TINY_SPACE, **kwargs):
     return result, events
 
 
+def test_a_base_asking_for_channels_last_rejects_designs_the_cpu_cannot_train_in_it(tmp_path) -> None:
+    trainer = FakeTrainer()
+    overrides = ["train.epochs=3", "train.device=cpu", "train.channels_last=true"]
+    result, _ = trials(tmp_path, trainer, n=2, overrides=overrides)  # widths 4 or 8 by 1x1 shortcuts
+    assert trainer.configs == [] and [r.state for r in result.leaderboard] == ["rejected"] * 2
+    wide = {**TINY_SPACE, "base_width": [16], "max_params": 200_000}
+    result, _ = trials(tmp_path / "wide", trainer, n=1, space=wide, overrides=overrides)
+    assert [r.state for r in result.leaderboard] == ["complete"] and len(trainer.configs) == 1
+
+
 def test_trials_write_leaderboard_pareto_and_configs(tmp_path) -> None:
     trainer = FakeTrainer(accuracies=(0.5, 0.7, 0.6))
     result, events = trials(tmp_path, trainer, pruner="none")
