@@ -138,6 +138,8 @@ def _unpickle(path: Path, folder: Path) -> object:
 def _read_batch(path: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (images uint8 (N, 3, 32, 32) view, labels int64 (N,)), checked."""
     batch = _unpickle(path, folder)
+    if isinstance(batch, dict):  # keys written as bytes (pickled from Python 3) read as the official str
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if not isinstance(batch, dict) or not {"data", "labels"} <= batch.keys():
         keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{path}: not a CIFAR-10 batch (expected the keys 'data' and 'labels', got {keys})")

@@ -36,6 +36,7 @@ from cerberus.checkpoint import (
     first_non_finite,
     infer_architecture,
     load_checkpoint,
+    sidecar_path,
     state_dict_from,
 )
 from cerberus.config import DEVICES, PRECISIONS
@@ -310,6 +311,11 @@ def load_model(
             epoch=obj.get("epoch"),
             cerberus_version=obj.get("cerberus_version"),
         )
+        if not sidecar_path(path).exists():  # copied alone: nothing to check it against
+            info["notes"].append(
+                f"{path.name} has no {sidecar_path(path).name} beside it, so its checksum was not "
+                "verified; copy the sidecar along with the checkpoint"
+            )
     else:
         state = state_dict_from(obj)
         arch = infer_architecture(state, **overrides)
@@ -431,12 +437,17 @@ def prepare_inference(
     return Inference(model, info, config, placement, batch_size, data_cfg.mean, data_cfg.std)
 
 
+def run_tta(run: Inference) -> bool:
+    """Whether the checkpoint's run tested with test-time augmentation (``train.test_tta``)."""
+    return bool(run.config is not None and run.config.train.test_tta)
+
+
 def evaluate_checkpoint(
     path: Path,
     *,
     data_dir: str | Path | None = None,
     test_subset: int | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     use_ema: bool = True,
     trust_pickle: bool = False,
     overrides: dict[str, Any] | None = None,
@@ -450,9 +461,10 @@ def evaluate_checkpoint(
     """Evaluate a weights file on the CIFAR-10 test set; see :func:`classification_report`.
 
     Settings left at ``None`` come from the checkpoint's own config for Cerberus checkpoints
-    (data root, ``test_subset``, mean/std, device, precision, channels_last, eval batch size:
-    what training used, so the figure matches the run's), and from the defaults for other
-    weights (the seed project's mean/std, ``auto`` placement, 1000 images per batch).
+    (data root, ``test_subset``, mean/std, device, precision, channels_last, eval batch size,
+    test-time augmentation as ``train.test_tta``: what training used, so the figure matches the
+    run's), and from the defaults for other weights (the seed project's mean/std, ``auto``
+    placement, 1000 images per batch, no TTA).
     The result adds ``tta``, ``views``, ``seconds``, ``images_per_sec``, ``device``,
     ``precision``, ``channels_last``, ``batch_size``, ``checkpoint``, ``source``, ``weights``,
     ``architecture``, ``params``, ``data_root``, ``test_subset`` and ``notes``.
@@ -499,6 +511,7 @@ def evaluate_checkpoint(
             f"{path}: the model has {num_classes} outputs but the dataset has {len(classes)} classes"
         )
 
+    tta = run_tta(run) if tta is None else tta
     start = time.perf_counter()
     logits = run.logits(images, tta=tta, progress=progress)
     seconds = time.perf_counter() - start
@@ -568,7 +581,7 @@ def check_report_dir(out_dir: Path) -> None:
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise CerberusError(f"{out_dir} is a file; give a folder for the report")
+        raise ConfigError(f"{out_dir} is a file; give a folder for the report")
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise CerberusError(f"cannot write into {out_dir}: {existing} is not a writable folder")

@@ -168,7 +168,7 @@ def _check_output(path: Path) -> None:
     path = Path(path)
     folder = path.parent
     if path.is_dir():
-        raise CerberusError(f"{path} is a folder; give a file name for the CSV")
+        raise ConfigError(f"{path} is a folder; give a file name for the CSV")
     if not folder.is_dir():
         raise CerberusError(f"cannot write {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -227,7 +227,7 @@ def predict_unlabeled(
     *,
     layout: str | None = None,
     probs_path: Path | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     use_ema: bool = True,
     trust_pickle: bool = False,
     overrides: dict[str, Any] | None = None,
@@ -238,13 +238,14 @@ def predict_unlabeled(
 ) -> dict[str, Any]:
     """Predict every image of a Kaggle test file and write the submission (and probabilities).
 
-    Weights, normalisation, placement and ``overrides`` (plain state_dicts) follow
-    :func:`cerberus.evaluate.evaluate_checkpoint`: the checkpoint's own config for Cerberus
-    checkpoints, the seed's constants otherwise. Cheap checks come first: the three files must
-    be distinct, the model is loaded and verified (ten outputs, one per CIFAR-10 class) and the
-    output folders checked before the input is read, and all of that before inference.
+    Weights, normalisation, placement, test-time augmentation (``tta=None``) and ``overrides``
+    (plain state_dicts) follow :func:`cerberus.evaluate.evaluate_checkpoint`: the checkpoint's
+    own config for Cerberus checkpoints, the seed's constants otherwise. Cheap checks come
+    first: the three files must be distinct, the model is loaded and verified (ten outputs, one
+    per CIFAR-10 class) and the output folders checked before the input is read, and all of that
+    before inference.
     """
-    from cerberus.evaluate import TTA_VIEWS, prepare_inference
+    from cerberus.evaluate import TTA_VIEWS, prepare_inference, run_tta
 
     _check_layout(layout)
     _check_distinct(
@@ -269,6 +270,7 @@ def predict_unlabeled(
             _check_output(path)
     ids, images, layout = _read_unlabeled(Path(input_path), layout)
     start = time.perf_counter()
+    tta = run_tta(run) if tta is None else tta
     logits = run.logits(images, tta=tta, progress=progress)
     seconds = time.perf_counter() - start
     labels = logits.argmax(1)

@@ -661,6 +661,12 @@ def train_run(
         if ckpt.get("ema") is not None:
             check_weights_fit(expected, ckpt["ema"], resume)
         out_dir = resume.parent
+        if ckpt.get("best_epoch") is not None and not (out_dir / "best.pt").is_file():
+            raise CheckpointError(
+                f"{out_dir / 'best.pt'} is missing: {resume.name} names epoch {ckpt['best_epoch']} as "
+                "the best so far, whose weights only best.pt holds; put it back beside "
+                f"{resume.name} to resume"
+            )
         recorded = config.data.root
         if data_dir is None and recorded is not None and not Path(recorded).expanduser().is_dir():
             raise ConfigError(

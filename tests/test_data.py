@@ -198,6 +198,19 @@ def test_corrupt_test_batch_is_named(fake_root: Path, corrupt, message: str) -> 
     assert str(fake_root / data.FOLDER / "test_batch") in str(err.value)
 
 
+def test_a_batch_pickled_with_bytes_keys_reads_like_the_official_one(fake_root: Path) -> None:
+    path = fake_root / data.FOLDER / "test_batch"
+    batch = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({key.encode(): value for key, value in batch.items()}))
+    assert torch.equal(
+        data.load_cifar10(fake_root, download=False).test_labels, torch.tensor(batch["labels"])
+    )
+    # and what is wrong with it is then named, not its keys
+    path.write_bytes(pickle.dumps({b"data": np.zeros((N_TEST, 3000), np.uint8), b"labels": batch["labels"]}))
+    with pytest.raises(DataError, match=r"shape \(N, 3072\), got uint8 \(50, 3000\)"):
+        data.load_cifar10(fake_root, download=False)
+
+
 def test_wrong_class_names_are_refused(fake_root: Path) -> None:
     meta = fake_root / data.FOLDER / "batches.meta"
     meta.write_bytes(pickle.dumps({"label_names": ["apple", "aquarium_fish"]}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,6 +301,20 @@ def test_load_model_prefers_ema_weights(tmp_path):
         load_model(path, overrides={"pool_size": 4})
 
 
+def test_a_checkpoint_copied_without_its_sidecar_loads_with_a_note(tmp_path):
+    import shutil
+
+    (tmp_path / "run").mkdir()
+    path = cerberus_checkpoint(tmp_path / "run" / "best.pt")
+    assert load_model(path)[1]["notes"] == []
+    (tmp_path / "copy").mkdir()
+    alone = Path(shutil.copy(path, tmp_path / "copy" / "best.pt"))
+    assert load_model(alone)[1]["notes"] == [
+        "best.pt has no best.pt.sha256 beside it, so its checksum was not verified; copy the "
+        "sidecar along with the checkpoint"
+    ]
+
+
 def test_best_pt_of_an_ema_run_holds_ema_weights_only(tmp_path):
     # best.pt of an EMA run: the EMA weights under "model", no raw weights
     path = cerberus_checkpoint(
@@ -506,7 +521,7 @@ def test_eval_refuses_an_unwritable_report_folder_before_evaluating(weights, fak
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar), "--out", str(blocker)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # the request, not the machine: a usage error
     assert result.stderr == f"Error: {blocker} is a file; give a folder for the report\n"
     result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar),
                                  "--out", str(blocker / "report")])  # fmt: skip

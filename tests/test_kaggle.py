@@ -211,6 +211,13 @@ def test_predict_checks_the_model_and_the_output_before_the_input(tmp_path, weig
     assert result.stderr == f"Error: cannot write {no_folder}: the folder {no_folder.parent} does not exist\n"
 
 
+def test_an_output_that_is_a_folder_is_a_usage_error(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {tmp_path} is a folder; give a file name for the CSV\n"
+
+
 def test_a_missing_output_folder_is_refused_before_inference(tmp_path, weights):
     source = layout_2024(tmp_path / "t.pkl")
     seen = []

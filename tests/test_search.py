@@ -362,13 +362,13 @@ def test_cli_table() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--storage", "sqlite:///x.db"], "--storage only apply to trials: add --trials N"),
-        (["--set", "train.epochs=2"], "--set only apply to trials"),
+        (["--storage", "sqlite:///x.db"], "--storage only applies to trials: add --trials N"),
+        (["--set", "train.epochs=2"], "--set only applies to trials"),
         (["--max-params", "0"], "--max-params: must be positive, got 0"),
         (["--min-params", "-1"], "--min-params: must be 0 or more, got -1"),
         (["--top", "-1"], "--top: must be 0 or more"),
         (["missing.toml"], "missing.toml: no such config file"),
-        (["--trials", "1", "--sort", "macs"], "--sort only apply to enumeration: drop --trials"),
+        (["--trials", "1", "--sort", "macs"], "--sort only applies to enumeration: drop --trials"),
         (["--config", "missing.toml"], "missing.toml: no such config file"),
     ],
 )

@@ -263,6 +263,21 @@ def test_resuming_from_best_pt_is_refused(tmp_path, fake_cifar):
     assert "last.pt" in result.stderr
 
 
+def test_resume_without_best_pt_is_refused_before_anything_is_written(tmp_path, fake_cifar):
+    import shutil
+
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("last.pt", "last.pt.sha256"):
+        shutil.copy(tmp_path / "run" / name, moved / name)
+    result = CliRunner().invoke(app, ["train", "--resume", str(moved / "last.pt")])
+    assert result.exit_code == 1, result.output
+    assert f"{moved / 'best.pt'} is missing: last.pt names epoch 1 as the best so far" in result.stderr
+    assert sorted(p.name for p in moved.iterdir()) == ["last.pt", "last.pt.sha256"]
+
+
 def _other_design_weights(ckpt: dict, key: str = "model") -> None:
     ckpt[key] = build_model(Architecture(blocks=(1,), channels=(8,))).state_dict()
 
@@ -501,19 +516,25 @@ def test_a_best_pt_written_just_before_a_crash_is_what_the_resumed_summary_descr
     assert_bitwise_equal(weights(run / "best.pt"), best["model"])  # untouched
 
 
-def test_test_tta_reports_what_eval_tta_reproduces(tmp_path, fake_cifar):
+def test_test_tta_reports_what_eval_reproduces_by_default(tmp_path, fake_cifar):
     cfg = tiny_config(tmp_path, "train.epochs=1", "train.test_tta=true")
     result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
     summary = json.loads((result.out_dir / "summary.json").read_text())
     assert summary["test_tta"] is True
     best = str(result.out_dir / "best.pt")
-    with_tta = CliRunner().invoke(app, ["eval", best, "--data-dir", str(fake_cifar), "--tta", "--json"])
-    plain = CliRunner().invoke(app, ["eval", best, "--data-dir", str(fake_cifar), "--json"])
-    assert with_tta.exit_code == plain.exit_code == 0, with_tta.output + plain.output
-    assert json.loads(with_tta.stdout)["accuracy"] == summary["test_accuracy"]
+
+    def evaluate(*flags):
+        done = CliRunner().invoke(app, ["eval", best, "--data-dir", str(fake_cifar), "--json", *flags])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.stdout)
+
+    # as the run tested: with its four views, unless told otherwise
+    as_run, with_tta, plain = evaluate(), evaluate("--tta"), evaluate("--no-tta")
+    assert (as_run["tta"], with_tta["tta"], plain["tta"]) == (True, True, False)
+    assert as_run["accuracy"] == with_tta["accuracy"] == summary["test_accuracy"]
     # the 4-view average differs from the single view on these images: the setting took effect
-    assert json.loads(with_tta.stdout)["loss"] == pytest.approx(summary["test_loss"])
-    assert json.loads(plain.stdout)["loss"] != pytest.approx(summary["test_loss"])
+    assert as_run["loss"] == pytest.approx(summary["test_loss"])
+    assert plain["loss"] != pytest.approx(summary["test_loss"])
 
 
 def test_a_pooling_design_trains_and_its_checkpoint_evaluates_to_the_summary(tmp_path, fake_cifar):

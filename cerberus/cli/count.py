@@ -101,11 +101,19 @@ def count_params_command(
         budget = max_params
 
     result = summarize(arch, budget)
+    table, missing = None, None
+    if summary:
+        from cerberus.errors import CerberusError
+        from cerberus.report import layer_summary
+
+        try:
+            table = layer_summary(arch)
+        except CerberusError as err:  # too large to build: the counts stand, the table is left out
+            missing = str(err)
     if as_json:
         if summary:
-            from cerberus.report import layer_summary
-
-            result["layer_summary"] = layer_summary(arch)
+            result["layer_summary"] = table
+            result["notes"] = [missing] if missing else []
         emit_json(result)
         return
     from cerberus.report import params_table
@@ -116,7 +124,7 @@ def count_params_command(
     out.print(f"MACs/image: {result['macs']:,}")
     mark = "[green]within budget[/]" if result["within_budget"] else "[red]OVER BUDGET[/]"
     out.print(f"budget:     {mark}: {result['verdict']}")
-    if summary:
-        from cerberus.report import layer_summary
-
-        out.print(layer_summary(arch), markup=False)
+    if table is not None:
+        out.print(table, markup=False)
+    elif missing is not None:
+        console(stderr=True).print(f"note: {missing}", markup=False)

@@ -20,7 +20,15 @@ TrustPickle = Annotated[
     ),
 ]
 NoEma = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even where EMA weights exist.")]
-Tta = Annotated[bool, typer.Option("--tta", help="Average 4 views: identity, mirror, both shifted 2 pixels.")]
+Tta = Annotated[
+    bool | None,
+    typer.Option(
+        "--tta/--no-tta",
+        help="Average 4 views: identity, mirror, both shifted 2 pixels. Default: as the checkpoint's "
+        "run tested (train.test_tta); off for other weights.",
+        show_default=False,
+    ),
+]
 Device = Annotated[
     str | None, typer.Option(help="auto, cpu, cuda or mps (default: the checkpoint's, else auto).")
 ]
@@ -166,7 +174,7 @@ def eval_command(
     test_subset: Annotated[
         int | None, typer.Option(help="Only the first N test images; 0 = all (default: the checkpoint's).")
     ] = None,
-    tta: Tta = False,
+    tta: Tta = None,
     no_ema: NoEma = False,
     trust_pickle: TrustPickle = False,
     out: Annotated[
@@ -246,7 +254,7 @@ def predict_command(
     probs: Annotated[
         Path | None, typer.Option("--probs", help="Also write class probabilities to this CSV.")
     ] = None,
-    tta: Tta = False,
+    tta: Tta = None,
     no_ema: NoEma = False,
     trust_pickle: TrustPickle = False,
     device: Device = None,

@@ -210,7 +210,8 @@ def trials_table(records, title: str, limit: int | None = None):
 def show_results(result) -> None:
     out = console()
     limit = 20
-    title = f"Leaderboard of study {result.study!r} ({len(result.leaderboard)} trials)"
+    n = len(result.leaderboard)
+    title = f"Leaderboard of study {result.study!r} ({n} trial{'' if n == 1 else 's'})"
     out.print(trials_table(result.leaderboard, title, limit))
     if len(result.leaderboard) > limit:
         out.print(f"... {len(result.leaderboard) - limit} more in {result.out_dir / 'leaderboard.json'}")
@@ -353,7 +354,8 @@ def search_command(
         }
         given = [flag for flag, used in trial_only.items() if used]
         if given:
-            raise fail(f"{', '.join(given)} only apply to trials: add --trials N", 2)
+            verb = "applies" if len(given) == 1 else "apply"
+            raise fail(f"{', '.join(given)} only {verb} to trials: add --trials N", 2)
         run_enumeration(space, top, sort.value, as_json, write_configs, base)
         return
     if trials < 0:
@@ -361,7 +363,8 @@ def search_command(
     enumeration_only = {"--sort": sort != SortBy.params, "--min-params": min_params is not None}
     given = [flag for flag, used in enumeration_only.items() if used]
     if given:
-        raise fail(f"{', '.join(given)} only apply to enumeration: drop --trials", 2)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise fail(f"{', '.join(given)} only {verb} to enumeration: drop --trials", 2)
     run_search_trials(
         space,
         as_json=as_json,

@@ -165,7 +165,7 @@ def write_results(result: SearchResult, space: SearchSpace, *, top: int, base, c
         (
             _arch_from_dict(r.design),
             f"trial {r.number} of study {result.study!r}: val accuracy {r.val_accuracy:.4f} after "
-            f"{r.epochs} epochs; {r.params:,} parameters, {r.macs:,} MACs/image",
+            f"{r.epochs} epoch{'' if r.epochs == 1 else 's'}; {r.params:,} parameters, {r.macs:,} MACs/image",
         )
         for r in best
     ]
