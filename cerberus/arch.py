@@ -326,3 +326,37 @@ def summarize(arch: Architecture, budget: int) -> dict:
         "head_params": head_params(arch),
         "stages": stages,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Memory layout
+
+# Below this many input channels a strided 1x1 convolution's backward pass in NHWC is unsafe in
+# oneDNN on x86 CPUs: the channel block of its 1x1 kernels, 8 floats with AVX2, 16 with AVX-512.
+NHWC_SAFE_CHANNELS = 16
+
+
+def nhwc_backward_hazard(arch: Architecture) -> str | None:
+    """The first layer of ``arch`` that oneDNN cannot train in channels_last on an x86 CPU, or None.
+
+    oneDNN's 1x1 backward-weights kernel for a stride above 1 (its "reduce to unit stride" path)
+    writes past its workspace when an NHWC input has fewer channels than the kernel's channel
+    block, 8 floats with AVX2 and 16 with AVX-512 (reported as oneDNN issue #6035): the pass
+    hangs, crashes or returns wrong weight gradients (here: hangs, and gradients wrong by several
+    times their norm; ``benchmarks/probe_nhwc_backward.py``). In this family the strided convs
+    are the first conv and the projection shortcut of the first block of every stage after the
+    first under ``downsample = "stride"``; the named layer is a 1x1 one of those reading fewer
+    than :data:`NHWC_SAFE_CHANNELS` channels, as ``layerI.0.conv1`` or ``layerI.0.shortcut.0``.
+    ``downsample = "pool"`` strides no convolution. Pure: no torch, like the rest of this module.
+    """
+    if arch.downsample != "stride":
+        return None
+    for i in range(1, len(arch.blocks)):
+        reads = arch.widths[i - 1]
+        if reads >= NHWC_SAFE_CHANNELS:
+            continue
+        if arch.conv_kernel == 1:
+            return f"layer{i + 1}.0.conv1 (a strided 1x1 conv reading {reads} channels)"
+        if arch.skip_kernel == 1:
+            return f"layer{i + 1}.0.shortcut.0 (a strided 1x1 conv reading {reads} channels)"
+    return None

@@ -135,11 +135,16 @@ def _unpickle(path: Path, folder: Path) -> object:
         ) from None
 
 
+def _str_keys(obj: object) -> object:
+    """A dict's bytes keys (a file pickled from Python 3 with ``b"data"``) as the official str."""
+    if isinstance(obj, dict):
+        return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return obj
+
+
 def _read_batch(path: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (images uint8 (N, 3, 32, 32) view, labels int64 (N,)), checked."""
-    batch = _unpickle(path, folder)
-    if isinstance(batch, dict):  # keys written as bytes (pickled from Python 3) read as the official str
-        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    batch = _str_keys(_unpickle(path, folder))
     if not isinstance(batch, dict) or not {"data", "labels"} <= batch.keys():
         keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{path}: not a CIFAR-10 batch (expected the keys 'data' and 'labels', got {keys})")
@@ -161,7 +166,7 @@ def _read_batch(path: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_classes(folder: Path) -> tuple[str, ...]:
     path = folder / META_FILE
-    meta = _unpickle(path, folder)
+    meta = _str_keys(_unpickle(path, folder))
     names = meta.get("label_names") if isinstance(meta, dict) else None
     if not isinstance(names, list):
         raise DataError(f"{path}: not a CIFAR-10 meta file (no 'label_names' list)")

@@ -25,10 +25,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cerberus.arch import NHWC_SAFE_CHANNELS, nhwc_backward_hazard
 from cerberus.errors import ConfigError
 
 if TYPE_CHECKING:
     from cerberus.arch import Architecture
+
+__all__ = ["NHWC_SAFE_CHANNELS", "nhwc_backward_hazard"]  # re-exported: the layout rule lives in arch
 
 
 @functools.cache
@@ -128,35 +131,9 @@ class Placement:
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
 
-# Below this many input channels a strided 1x1 convolution's backward pass in NHWC is unsafe in
-# oneDNN on x86 CPUs: the channel block of its 1x1 kernels, 8 floats with AVX2, 16 with AVX-512.
-NHWC_SAFE_CHANNELS = 16
-
-
-def nhwc_backward_hazard(arch: Architecture) -> str | None:
-    """The first layer of ``arch`` that oneDNN cannot train in channels_last on an x86 CPU, or None.
-
-    oneDNN's 1x1 backward-weights kernel for a stride above 1 (its "reduce to unit stride" path)
-    writes past its workspace when an NHWC input has fewer channels than the kernel's channel
-    block (oneDNN issue #6035): the pass hangs, crashes or returns wrong weight gradients (here:
-    hangs, and gradients wrong by several times their norm; ``benchmarks/probe_nhwc_backward.py``).
-    The channel block is 8 floats with AVX2 and 16 with AVX-512. In this family the strided convs are
-    the first conv and the projection shortcut of the first block of every stage after the
-    first under ``downsample = "stride"``; the named layer is a 1x1 one of those reading fewer
-    than :data:`NHWC_SAFE_CHANNELS` channels, as ``layerI.0.conv1`` or ``layerI.0.shortcut.0``.
-    ``downsample = "pool"`` strides no convolution.
-    """
-    if arch.downsample != "stride":
-        return None
-    for i in range(1, len(arch.blocks)):
-        reads = arch.widths[i - 1]
-        if reads >= NHWC_SAFE_CHANNELS:
-            continue
-        if arch.conv_kernel == 1:
-            return f"layer{i + 1}.0.conv1 (a strided 1x1 conv reading {reads} channels)"
-        if arch.skip_kernel == 1:
-            return f"layer{i + 1}.0.shortcut.0 (a strided 1x1 conv reading {reads} channels)"
-    return None
+def x86_cpu(device: torch.device) -> bool:
+    """Whether ``device`` is the CPU of an x86-64 machine (where oneDNN's NHWC kernels were measured)."""
+    return device.type == "cpu" and _x86_64()
 
 
 def resolve_placement(
@@ -169,26 +146,27 @@ def resolve_placement(
 ) -> Placement:
     """Resolve the config's ``auto`` choices for this machine; ``sources`` name the two settings.
 
-    ``arch`` is the design to be trained: on an x86-64 CPU in fp32, training then runs in
-    channels_last unless :func:`nhwc_backward_hazard` names a layer, and ``channels_last=True``
-    with such a layer is a :class:`ConfigError`. Without ``arch`` (evaluation, prediction) the
-    CPU trains in NCHW and infers in channels_last.
+    ``arch`` is the design to be trained: on an x86-64 CPU, training then runs in channels_last
+    unless :func:`~cerberus.arch.nhwc_backward_hazard` names a layer (checked in bf16 too, to be
+    safe, though only fp32 was probed), and ``channels_last=True`` with such a layer is a
+    :class:`ConfigError`. Without ``arch`` (evaluation, prediction only) an fp32 CPU placement
+    trains in NCHW and infers in channels_last.
     """
     dev = resolve_device(device, source=sources[0])
     prec = resolve_precision(precision, dev, source=sources[1])
-    hazard = nhwc_backward_hazard(arch) if arch is not None and dev.type == "cpu" else None
+    on_x86 = x86_cpu(dev)
+    hazard = nhwc_backward_hazard(arch) if arch is not None and on_x86 else None
     if channels_last and hazard is not None:
         raise ConfigError(
-            f"train.channels_last: oneDNN trains {hazard} wrongly in channels_last on the CPU "
+            f"train.channels_last: oneDNN trains {hazard} wrongly in channels_last on this CPU "
             "(it hangs or returns wrong gradients); set train.channels_last = false, or widen "
             "the stage before it to at least 16 channels",
             field="train.channels_last",
         )
     if channels_last is not None:
         return Placement(dev, prec, channels_last, channels_last)
-    x86_cpu = dev.type == "cpu" and _x86_64()
-    train_layout = prec != "fp32" or dev.type == "cuda" or (x86_cpu and arch is not None)
-    return Placement(dev, prec, train_layout and hazard is None, train_layout or x86_cpu)
+    train_layout = prec != "fp32" or dev.type == "cuda" or (on_x86 and arch is not None)
+    return Placement(dev, prec, train_layout and hazard is None, train_layout or on_x86)
 
 
 def tune_backends(placement: Placement) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from cerberus import __version__
+from cerberus.arch import nhwc_backward_hazard
 from cerberus.augment import Augmenter
 from cerberus.checkpoint import (
     FORMAT,
@@ -542,8 +543,8 @@ class Run:
 
     def evaluate_best_on_test(self) -> dict[str, Any]:
         """The test set, evaluated once with the weights best.pt holds (read back from disk, so
-        that `cerberus eval best.pt` reproduces the figure exactly; with ``train.test_tta``,
-        `cerberus eval best.pt --tta`)."""
+        that `cerberus eval best.pt` reproduces the figure exactly, with ``train.test_tta``'s views
+        too)."""
         if self.save_checkpoints:
             best = load_checkpoint(self.out_dir / "best.pt")["model"]
         else:
@@ -695,7 +696,19 @@ def train_run(
         with contextlib.ExitStack() as lock, signals:
             run = Run(config, out_dir, on_event, save_checkpoints, dist)
             with dist.agreement():  # what may fail on one rank only fails on all
-                run.place()
+                try:
+                    run.place()
+                except ConfigError as err:
+                    if resume is None or err.field != "train.channels_last":
+                        raise
+                    # A run that trained so is not worth continuing: --resume cannot change its config.
+                    raise ConfigError(
+                        f"{resume}: this run trains in channels_last, and oneDNN trains "
+                        f"{nhwc_backward_hazard(config.model.architecture())} wrongly so on this CPU; "
+                        "its weights may come from wrong gradients: start a new run with "
+                        "train.channels_last = false",
+                        field="train.channels_last",
+                    ) from None
                 if dist.is_main:
                     _check_out_dir(out_dir, resuming=ckpt is not None)
                 run.load_data()  # data problems are refused before anything is written

@@ -369,6 +369,6 @@ def test_check_budget() -> None:
 
 
 def test_counting_does_not_import_torch() -> None:
-    code = "import cerberus.arch, cerberus.config, sys; print('torch' in sys.modules)"
+    code = "import cerberus.arch, cerberus.config, cerberus.search, sys; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -240,7 +240,7 @@ def assert_counted_without_table(result, message: str) -> None:
     """The analytic counts on stdout, one note on stderr for the missing layer table, exit 0."""
     assert result.exit_code == 0, result.output
     assert "parameters: " in result.stdout and "Total params" not in result.stdout
-    assert result.stderr == f"note: {message}\n"
+    assert result.stderr == f"Note: {message}\n"
     assert "Traceback" not in result.output
 
 

@@ -220,6 +220,24 @@ def test_an_unsafe_channels_last_config_is_refused_before_anything_is_written(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_a_run_that_trained_in_an_unsafe_layout_says_to_start_again(tmp_path, fake_cifar):
+    """A run from before the check: channels_last with a hazardous design. --resume cannot change
+    its config, so the advice is a new run."""
+    from cerberus.runner import train_run
+
+    cfg = load_config(
+        None, ["model.blocks=[1,1]", "model.channels=[4,8]", "train.epochs=1", "data.val_size=10"]
+    )
+    run = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
+    last = torch.load(run.out_dir / "last.pt", weights_only=True)
+    last["config"]["train"]["channels_last"] = True  # as an earlier version let it train
+    (run.out_dir / "last.pt.sha256").unlink()
+    torch.save(last, run.out_dir / "last.pt")
+    with pytest.raises(ConfigError, match=r"start a new run with train\.channels_last = false") as err:
+        train_run(resume=run.out_dir / "last.pt")
+    assert "this run trains in channels_last, and oneDNN trains layer2.0.shortcut.0" in str(err.value)
+
+
 def test_inference_layout_leaves_the_live_model_as_it_is():
     # a model training in NCHW is evaluated in channels_last without its own tensors changing
     model = tiny_model(3)

@@ -127,4 +127,4 @@ def count_params_command(
     if table is not None:
         out.print(table, markup=False)
     elif missing is not None:
-        console(stderr=True).print(f"note: {missing}", markup=False)
+        console(stderr=True).print(f"Note: {missing}", markup=False)

@@ -18,9 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cerberus.arch import STEM_KERNEL, Architecture, count_macs, count_params
+from cerberus.arch import STEM_KERNEL, Architecture, count_macs, count_params, nhwc_backward_hazard
 from cerberus.config import apply_overrides, config_from_dict, override_keys
-from cerberus.device import nhwc_backward_hazard, resolve_device
 from cerberus.errors import BudgetError, ConfigError, DivergenceError, Interrupted
 from cerberus.search.enumeration import _family
 from cerberus.search.results import SearchResult, TrialRecord, design_config, study_pareto, write_results
@@ -126,8 +125,10 @@ class _Objective:
         except ConfigError as err:  # the base's settings do not suit this design (whiten_stem)
             trial.set_user_attr("rejected", f"invalid config: {err}")
             raise optuna.TrialPruned(f"rejected before training: {err}") from None
-        if config.train.channels_last and resolve_device(config.train.device).type == "cpu":
-            hazard = nhwc_backward_hazard(arch)  # a layout the base asks for that this design cannot train in
+        if config.train.channels_last and nhwc_backward_hazard(arch) is not None:
+            from cerberus.device import resolve_device, x86_cpu  # torch: only when it matters
+
+            hazard = nhwc_backward_hazard(arch) if x86_cpu(resolve_device(config.train.device)) else None
             if hazard is not None:
                 reason = f"train.channels_last: oneDNN trains {hazard} wrongly in channels_last on the CPU"
                 trial.set_user_attr("rejected", f"invalid config: {reason}")
