@@ -9,7 +9,7 @@
   faster (benchmarks/RESULTS.md), so it is the default there too, with one exception: oneDNN's
   backward pass of a strided 1x1 convolution that reads fewer channels than its kernel's channel
   block hangs or computes wrong gradients in NHWC (oneDNN issue #6035; see
-  :func:`nhwc_backward_hazard`). A design with such a layer trains in NCHW when the layout is
+  :func:`cerberus.arch.nhwc_backward_hazard`). A design with such a layer trains in NCHW when the layout is
   left to ``auto``, and asking for channels_last is refused. Other CPUs, where NHWC was not
   measured, keep NCHW.
 """
@@ -25,13 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cerberus.arch import NHWC_SAFE_CHANNELS, nhwc_backward_hazard
+from cerberus.arch import nhwc_backward_hazard
 from cerberus.errors import ConfigError
 
 if TYPE_CHECKING:
     from cerberus.arch import Architecture
-
-__all__ = ["NHWC_SAFE_CHANNELS", "nhwc_backward_hazard"]  # re-exported: the layout rule lives in arch
 
 
 @functools.cache

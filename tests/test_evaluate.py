@@ -188,13 +188,13 @@ def test_training_on_the_cpu_avoids_onednns_nhwc_fault(monkeypatch, design, haza
     """oneDNN (issue #6035) trains a strided 1x1 conv over < 16 channels wrongly in NHWC: auto keeps
     NCHW for such designs, an explicit channels_last is refused; other designs train in NHWC."""
     import cerberus.device as device
-    from cerberus.arch import Architecture
+    from cerberus.arch import Architecture, nhwc_backward_hazard
     from cerberus.errors import ConfigError
 
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
     arch = Architecture(**design)
-    assert device.nhwc_backward_hazard(arch) == hazard
+    assert nhwc_backward_hazard(arch) == hazard
     auto = device.resolve_placement("cpu", arch=arch)
     assert (auto.channels_last, auto.inference_layout) == (hazard is None, True)
     assert device.resolve_placement("cpu", "fp32", False, arch=arch).channels_last is False

@@ -125,11 +125,11 @@ class _Objective:
         except ConfigError as err:  # the base's settings do not suit this design (whiten_stem)
             trial.set_user_attr("rejected", f"invalid config: {err}")
             raise optuna.TrialPruned(f"rejected before training: {err}") from None
-        if config.train.channels_last and nhwc_backward_hazard(arch) is not None:
+        hazard = nhwc_backward_hazard(arch) if config.train.channels_last else None
+        if hazard is not None:
             from cerberus.device import resolve_device, x86_cpu  # torch: only when it matters
 
-            hazard = nhwc_backward_hazard(arch) if x86_cpu(resolve_device(config.train.device)) else None
-            if hazard is not None:
+            if x86_cpu(resolve_device(config.train.device)):
                 reason = f"train.channels_last: oneDNN trains {hazard} wrongly in channels_last on the CPU"
                 trial.set_user_attr("rejected", f"invalid config: {reason}")
                 raise optuna.TrialPruned(f"rejected before training: {reason}")
