@@ -210,11 +210,21 @@ class TrainConfig(Section):
     epochs: int = Field(default=30, gt=0, description="Passes over the training images.")
     batch_size: int = Field(default=128, gt=0, description="Global batch size, images per step.")
     eval_batch_size: int = Field(default=1000, gt=0, description="Images per evaluation batch.")
-    optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="Optimizer.")
+    optimizer: Literal["sgd", "adamw", "muon"] = Field(
+        default="sgd",
+        description="Optimizer. muon: Muon steps (orthogonalised momentum) for the conv filters, "
+        "SGD with lr, momentum, nesterov and weight_decay for everything else.",
+    )
     lr: float = Field(default=0.1, gt=0, description="Peak learning rate (per step).")
+    muon_lr: float = Field(
+        default=0.05, gt=0, description="Peak learning rate of the Muon steps; follows lr's schedule."
+    )
+    muon_momentum: float = Field(default=0.6, ge=0, lt=1, description="Momentum of the Muon steps.")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
-    nesterov: bool = Field(default=False, description="Nesterov momentum (SGD).")
-    weight_decay: float = Field(default=5e-4, ge=0, description="Weight decay (L2 for SGD).")
+    nesterov: bool = Field(default=False, description="Nesterov momentum (SGD and Muon).")
+    weight_decay: float = Field(
+        default=5e-4, ge=0, description="Weight decay (L2 for SGD; Muon's filters take none)."
+    )
     decay_bn_and_bias: bool = Field(
         default=True, description="Apply weight decay to BatchNorm and bias parameters too."
     )
@@ -292,8 +302,17 @@ class TrainConfig(Section):
             raise ValueError(f"t_max applies to the seed schedule only, not {self.schedule!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.nesterov and self.optimizer != "sgd":
-            raise ValueError("nesterov applies to the sgd optimizer only")
+        if self.nesterov and self.optimizer == "adamw":
+            raise ValueError("nesterov applies to the sgd and muon optimizers only")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs a momentum above 0")
+        # compared with the defaults, not model_fields_set: a run folder's config.toml lists every
+        # field, and an SGD run's must load again as it is
+        fields = type(self).model_fields
+        muon_settings = [k for k in ("muon_lr", "muon_momentum") if getattr(self, k) != fields[k].default]
+        if muon_settings and self.optimizer != "muon":
+            verb = "applies" if len(muon_settings) == 1 else "apply"
+            raise ValueError(f"{' and '.join(muon_settings)} {verb} to the muon optimizer only")
         return self
 
 

@@ -24,23 +24,41 @@ from cerberus.config import TrainConfig
 from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
 from cerberus.errors import ConfigError, DivergenceError
+from cerberus.optim import MuonSGD
 
 # --------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; BatchNorm weights and biases skip weight decay unless configured."""
+    """SGD, AdamW or Muon; BatchNorm weights and biases skip weight decay unless configured.
+
+    With ``muon`` the trainable filter banks (4-D weights) take Muon steps at ``muon_lr`` with
+    ``muon_momentum``, everything else SGD steps at ``lr`` (see :class:`cerberus.optim.MuonSGD`).
+    A group's ``lr_scale`` is its peak learning rate over ``lr``: the schedule multiplies it in.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    filters = [p for p in trainable if p.ndim == 4] if cfg.optimizer == "muon" else []
+    taken = {id(p) for p in filters}
     decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(param)
+    for param in trainable:
+        if id(param) not in taken:
+            (no_decay if param.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "muon":
+        muon = {
+            "params": filters,
+            "muon": True,
+            "momentum": cfg.muon_momentum,
+            "lr_scale": cfg.muon_lr / cfg.lr,
+        }
+        return MuonSGD(
+            [*groups, muon] if filters else groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
@@ -99,7 +117,7 @@ class LRSchedule:
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> float:
         lr = self.lr_at(epoch, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
 

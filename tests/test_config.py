@@ -261,7 +261,10 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"train": {"milestones": [10], "schedule": "cosine"}}, "milestones apply to the step and seed"),
         ({"train": {"t_max": 20}}, "t_max applies to the seed schedule only, not 'cosine'"),
         ({"train": {"lr": 0.1, "min_lr": 1.0}}, "min_lr (1.0) must not exceed lr (0.1)"),
-        ({"train": {"optimizer": "adamw", "nesterov": True}}, "nesterov applies to the sgd optimizer only"),
+        (
+            {"train": {"optimizer": "adamw", "nesterov": True}},
+            "nesterov applies to the sgd and muon optimizers only",
+        ),
         ({"augment": {"mix_prob": 0.5}}, "mix_prob applies to mixup and cutmix"),
         ({"augment": {"flip": False, "flip_mode": "alternate"}}, "flip_mode = 'alternate' needs flip = true"),
         ({"model": {"conv_kernel": 4}}, "model: conv_kernel: must be a positive odd number, got 4"),

@@ -115,7 +115,12 @@ def interrupt_at(epoch: int, step: int):
 
 @pytest.mark.parametrize(
     "epoch,step,extra",
-    [(2, 3, ()), (1, 7, ()), (2, 3, ("augment.flip_mode=alternate",))],  # mid-epoch; end of epoch 1
+    [
+        (2, 3, ()),  # mid-epoch
+        (1, 7, ()),  # the end of epoch 1
+        (2, 3, ("augment.flip_mode=alternate",)),
+        (2, 3, ("train.optimizer=muon", "train.muon_lr=0.05")),
+    ],
 )
 def test_resume_after_interrupt_is_bitwise_exact(tmp_path, fake_cifar, epoch, step, extra):
     cfg = tiny_config(
