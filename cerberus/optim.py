@@ -93,22 +93,36 @@ class MuonSGD(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = buffer
 
     def _muon_step(self, group: dict) -> None:
-        momentum, nesterov = group["momentum"], group["nesterov"]
-        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        """The group's steps in a few multi-tensor (``_foreach``) calls and one batched
+        Newton-Schulz product per filter shape: on a GPU a kernel launch per filter bank and
+        operation would cost more host time than the arithmetic."""
+        momentum, lr = group["momentum"], group["lr"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        buffers = []
+        for p in params:
             state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p.grad)
-            buf.mul_(momentum).add_(p.grad)
-            update = p.grad.add(buf, alpha=momentum) if nesterov else buf
-            flat = update.reshape(len(update), -1).float()
-            by_shape.setdefault(tuple(flat.shape), []).append((p, flat))
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buffers.append(state["momentum_buffer"])
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, grads)
+        updates = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
+        # the weights rescaled to a Frobenius norm of sqrt(out) before the step
+        scales = torch._foreach_norm(params)
+        torch._foreach_clamp_min_(scales, 1e-12)
+        torch._foreach_reciprocal_(scales)
+        torch._foreach_mul_(scales, [p.size(0) ** 0.5 for p in params])
+        torch._foreach_mul_(params, scales)
         # filter banks of one shape are orthogonalised together: one batched product per shape
-        for pairs in by_shape.values():
-            updates = orthogonalize(torch.stack([flat for _, flat in pairs]))
-            for (p, _), update in zip(pairs, updates):
-                p.mul_(p.size(0) ** 0.5 / p.norm().clamp_min(1e-12))
-                p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        steps = [None] * len(params)
+        for indices in by_shape.values():
+            stack = torch.stack([updates[i] for i in indices]).flatten(2).float()
+            for i, step in zip(indices, orthogonalize(stack)):
+                steps[i] = step.view_as(params[i]).to(params[i].dtype)
+        torch._foreach_add_(params, steps, alpha=-lr)
