@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch.optim.sgd import sgd
 
 # Quintic Newton-Schulz coefficients chosen for the steepest slope at zero: 3 iterations take the
@@ -25,16 +26,22 @@ NS_STEPS = 3
 
 def orthogonalize(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
     """About ``U V^T`` of ``matrix = U S V^T`` by Newton-Schulz iterations; float32 ``(..., m, n)``,
-    a stack of matrices orthogonalised each on its own."""
+    a stack of matrices orthogonalised each on its own. Zero columns (or rows) appended to a
+    matrix stay zero and leave the rest as it would be without them, so matrices of different
+    widths can share one stack, zero-padded."""
     a, b, c = NS_COEFFICIENTS
     # spectral norm <= Frobenius norm = 1: inside the iteration's basin
     x = matrix / (torch.linalg.matrix_norm(matrix, keepdim=True) + eps)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        # x = a x + (b gram + c gram^2) x, in two fused multiply-adds
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
     return x.mT if tall else x
 
 
@@ -93,9 +100,9 @@ class MuonSGD(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = buffer
 
     def _muon_step(self, group: dict) -> None:
-        """The group's steps in a few multi-tensor (``_foreach``) calls and one batched
-        Newton-Schulz product per filter shape: on a GPU a kernel launch per filter bank and
-        operation would cost more host time than the arithmetic."""
+        """The group's steps in a few multi-tensor (``_foreach``) calls and a few batched
+        Newton-Schulz products: on a GPU a kernel launch per filter bank and operation costs
+        more host time than the arithmetic."""
         momentum, lr = group["momentum"], group["lr"]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -116,13 +123,25 @@ class MuonSGD(torch.optim.Optimizer):
         torch._foreach_reciprocal_(scales)
         torch._foreach_mul_(scales, [p.size(0) ** 0.5 for p in params])
         torch._foreach_mul_(params, scales)
-        # filter banks of one shape are orthogonalised together: one batched product per shape
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(tuple(p.shape), []).append(i)
-        steps = [None] * len(params)
-        for indices in by_shape.values():
-            stack = torch.stack([updates[i] for i in indices]).flatten(2).float()
-            for i, step in zip(indices, orthogonalize(stack)):
-                steps[i] = step.view_as(params[i]).to(params[i].dtype)
-        torch._foreach_add_(params, steps, alpha=-lr)
+        # one batched Newton-Schulz product per row count (short side first), the narrower
+        # matrices zero-padded: fewer, larger products, faster on the 2-core CPU and the GPU alike
+        buckets: dict[int, list[tuple[int, torch.Tensor, bool]]] = {}
+        for i, update in enumerate(updates):
+            flat = update.reshape(len(update), -1).float()
+            tall = flat.size(0) > flat.size(1)
+            if tall:  # the short side first
+                flat = flat.mT
+            buckets.setdefault(flat.size(0), []).append((i, flat, tall))
+        steps: dict[int, torch.Tensor] = {}
+        for members in buckets.values():
+            width = max(flat.size(1) for _, flat, _ in members)
+            stack = torch.stack(
+                [
+                    flat if flat.size(1) == width else F.pad(flat, (0, width - flat.size(1)))
+                    for _, flat, _ in members
+                ]
+            )
+            for (i, flat, tall), step in zip(members, orthogonalize(stack)):
+                step = step[:, : flat.size(1)]
+                steps[i] = (step.mT if tall else step).reshape(params[i].shape).to(params[i].dtype)
+        torch._foreach_add_(params, [steps[i] for i in range(len(params))], alpha=-lr)

@@ -187,3 +187,30 @@ def test_muon_groups_refuse_weight_decay():
     p = torch.zeros(4, 4, requires_grad=True)
     with pytest.raises(ValueError, match="no weight decay"):
         MuonSGD([{"params": [p], "muon": True, "weight_decay": 0.1}], lr=0.1, momentum=0.6, nesterov=True)
+
+
+def test_zero_padding_leaves_the_orthogonalisation_of_the_matrix_as_it_was():
+    torch.manual_seed(5)
+    matrix = torch.randn(16, 40)
+    padded = orthogonalize(torch.nn.functional.pad(matrix, (0, 32)))
+    assert torch.equal(padded[:, 40:], torch.zeros(16, 32))
+    torch.testing.assert_close(padded[:, :40], orthogonalize(matrix), rtol=1e-4, atol=1e-5)
+
+
+def test_filter_banks_of_every_shape_step_as_they_would_alone():
+    # shapes that share a row count once transposed (the 1x1 shortcut is tall) or not at all
+    torch.manual_seed(6)
+    shapes = [(8, 4, 3, 3), (8, 8, 3, 3), (16, 8, 1, 1), (8, 2, 1, 1), (16, 16, 3, 3)]
+    weights = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    together = [w.clone().requires_grad_(True) for w in weights]
+    opt = MuonSGD([{"params": together, "muon": True}], lr=0.1, momentum=0.6, nesterov=True)
+    for p, g in zip(together, grads):
+        p.grad = g.clone()
+    opt.step()
+    for w, g, p in zip(weights, grads, together):
+        alone = w.clone().requires_grad_(True)
+        solo = MuonSGD([{"params": [alone], "muon": True}], lr=0.1, momentum=0.6, nesterov=True)
+        alone.grad = g.clone()
+        solo.step()
+        torch.testing.assert_close(p.detach(), alone.detach(), rtol=1e-4, atol=1e-5)
