@@ -436,6 +436,7 @@ class Run:
                     "loss": st.loss_sum / max(st.images, 1),
                     "accuracy": st.correct / max(st.images, 1),
                     "lr": lr,
+                    **self.muon_lr(lr),
                     "images_per_sec": st.images / max(st.seconds, 1e-9),
                 }
             )
@@ -501,12 +502,19 @@ class Run:
         """The weights that model selection compares: the EMA when on, else the model."""
         return self.ema.state_dict() if self.ema is not None else self.model.state_dict()
 
+    def muon_lr(self, lr: float) -> dict[str, float]:
+        """``{"muon_lr": ...}``, the Muon steps' rate when ``lr`` is the SGD part's; else ``{}``."""
+        t = self.config.train
+        return {"muon_lr": lr * t.muon_lr / t.lr} if t.optimizer == "muon" else {}
+
     def epoch_line(self, epoch: int, state: EpochState, has_val: bool) -> dict[str, Any]:
         cfg = self.config
         images = max(state.images, 1)
+        lr = self.schedule.lr_at(epoch, self.trainer.steps_per_epoch - 1)
         line: dict[str, Any] = {
             "epoch": epoch + 1,
-            "lr": self.schedule.lr_at(epoch, self.trainer.steps_per_epoch - 1),
+            "lr": lr,
+            **self.muon_lr(lr),
             "train_loss": state.loss_sum / images,
             "train_accuracy": state.correct / images,
             "train_images_per_sec": state.images / max(state.seconds, 1e-9),

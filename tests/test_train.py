@@ -74,6 +74,7 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path, fake_cifar):
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_images_per_sec"):
         assert key in lines[0]
+    assert "muon_lr" not in lines[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["params"] == 5_266  # count-params --blocks 1 1 --channels 8 16
     assert summary["world_size"] == 1
@@ -85,6 +86,29 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path, fake_cifar):
     resolved = load_config(out / "config.toml")
     assert resolved.data.root == str(fake_cifar.absolute())
     assert resolved.model_copy(update={"data": load_config(config).data}) == load_config(config)
+
+
+def test_a_muon_run_reports_the_muon_rate_beside_the_sgd_rate(tmp_path, fake_cifar):
+    config = write_config(tmp_path)
+    out = tmp_path / "run"
+    sets = ["train.epochs=1", "train.optimizer=muon", "train.muon_lr=0.02"]  # 0.4x the SGD lr
+    result = CliRunner().invoke(
+        app,
+        ["train", str(config), "--data-dir", str(fake_cifar), "--out", str(out), "--quiet", "--set", *sets],
+    )
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["muon_lr"] == pytest.approx(0.4 * line["lr"])
+    assert f"lr {line['lr']:.4g} (muon {line['muon_lr']:.4g})" in result.output
+    steps = []
+    train_run(
+        tiny_config(tmp_path, *sets),
+        out_dir=tmp_path / "events",
+        data_dir=str(fake_cifar),
+        evaluate_test=False,
+        on_event=lambda e: steps.append(e) if e["event"] == "step" else None,
+    )
+    assert steps and all(e["muon_lr"] == pytest.approx(0.4 * e["lr"]) for e in steps)
 
 
 def test_same_seed_gives_bitwise_identical_weights(tmp_path, fake_cifar):

@@ -92,7 +92,7 @@ class TrainDisplay:
     def on_epoch(self, e: dict[str, Any]) -> None:
         parts = [
             f"epoch {e['epoch']:>3}",
-            f"lr {e['lr']:.4g}",
+            f"lr {e['lr']:.4g}" + (f" (muon {e['muon_lr']:.4g})" if "muon_lr" in e else ""),
             f"train loss {e['train_loss']:.4f} acc {e['train_accuracy']:.4f}",
         ]
         if "val_accuracy" in e:
