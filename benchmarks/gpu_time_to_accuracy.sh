@@ -3,7 +3,8 @@
 #
 #     benchmarks/gpu_time_to_accuracy.sh DATA_DIR OUT_DIR [MINUTES] [CONFIG] [KEY=VALUE ...]
 #
-# KEY=VALUE arguments override the config (as `cerberus train --set`) in the probe and the run.
+# KEY=VALUE arguments override the config (as `cerberus train --set`) in the probe and the run;
+# the script's own train.test_every_epoch=true and (unless MINUTES = 0) train.epochs win over them.
 # Run it from the repository root.
 # 1. benchmarks/bench_gpu.py measures the config's training loop here and how many epochs fit
 #    MINUTES (default 5) of training, one test evaluation per epoch included; MINUTES = 0 skips
@@ -19,14 +20,14 @@ data=$1
 out=$2
 minutes=${3:-5}
 config=${4:-configs/resnet24.toml}
-sets=("${@:5}")
+sets=("${@:5}")  # expanded as ${sets[@]+"${sets[@]}"}: bash before 4.4 calls an empty array unset
 py=${PYTHON:-python3}
 mkdir -p "$out"
 run=$(mktemp -d)/run
 
-overrides=("${sets[@]}" train.test_every_epoch=true)
+overrides=(${sets[@]+"${sets[@]}"} train.test_every_epoch=true)
 if [ "$minutes" != 0 ]; then
-    $py benchmarks/bench_gpu.py "$config" --data-dir "$data" --minutes "$minutes" --set "${sets[@]}" | tee "$out/probe.txt"
+    $py benchmarks/bench_gpu.py "$config" --data-dir "$data" --minutes "$minutes" --set ${sets[@]+"${sets[@]}"} | tee "$out/probe.txt"
     epochs=$(tail -n 1 "$out/probe.txt" | $py -c 'import json, sys; print(json.load(sys.stdin)["epochs"])')
     overrides+=("train.epochs=$epochs")
 fi

@@ -27,8 +27,8 @@ NS_STEPS = 3
 def orthogonalize(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
     """About ``U V^T`` of ``matrix = U S V^T`` by Newton-Schulz iterations; float32 ``(..., m, n)``,
     a stack of matrices orthogonalised each on its own. Zero columns (or rows) appended to a
-    matrix stay zero and leave the rest as it would be without them, so matrices of different
-    widths can share one stack, zero-padded."""
+    matrix stay zero and leave the rest as it would be without them (up to rounding), so
+    matrices of different widths can share one stack, zero-padded."""
     a, b, c = NS_COEFFICIENTS
     # spectral norm <= Frobenius norm = 1: inside the iteration's basin
     x = matrix / (torch.linalg.matrix_norm(matrix, keepdim=True) + eps)
@@ -100,9 +100,9 @@ class MuonSGD(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = buffer
 
     def _muon_step(self, group: dict) -> None:
-        """The group's steps in a few multi-tensor (``_foreach``) calls and a few batched
-        Newton-Schulz products: on a GPU a kernel launch per filter bank and operation costs
-        more host time than the arithmetic."""
+        """The group's steps in multi-tensor (``_foreach``) calls and a few batched
+        orthogonalisations: on a GPU a kernel launch per filter bank and operation costs more
+        host time than the arithmetic."""
         momentum, lr = group["momentum"], group["lr"]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:

@@ -214,3 +214,25 @@ def test_filter_banks_of_every_shape_step_as_they_would_alone():
         alone.grad = g.clone()
         solo.step()
         torch.testing.assert_close(p.detach(), alone.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_tall_filter_bank_steps_by_the_formula(nesterov):
+    # a 1x1 shortcut has more filters than inputs: its update is orthogonalised on the short side
+    torch.manual_seed(7)
+    w, g1, g2 = torch.randn(16, 8, 1, 1) * 2, torch.randn(16, 8, 1, 1), torch.randn(16, 8, 1, 1)
+    p = w.clone().requires_grad_(True)
+    opt = MuonSGD([{"params": [p], "muon": True}], lr=0.05, momentum=0.6, nesterov=nesterov)
+    p.grad = g1.clone()
+    opt.step()
+    p.grad = g2.clone()
+    opt.step()
+    expected = w
+    buf = torch.zeros_like(w)
+    for g in (g1, g2):
+        buf = 0.6 * buf + g
+        update = g + 0.6 * buf if nesterov else buf
+        expected = expected * (16**0.5 / expected.norm()) - 0.05 * orthogonalize(
+            update.reshape(16, 8)
+        ).view_as(w)
+    torch.testing.assert_close(p.detach(), expected)
