@@ -72,7 +72,13 @@ def main() -> None:
         model=model,
         optimizer=build_optimizer(model, t),
         schedule=LRSchedule(t, -(-n // t.batch_size)),
-        augmenter=Augmenter(cfg.augment, cfg.data.mean, cfg.data.std, cfg.model.num_classes),
+        # whole images: the timing stands for every epoch (augment.crop_sizes would shrink some)
+        augmenter=Augmenter(
+            cfg.augment.model_copy(update={"crop_sizes": []}),
+            cfg.data.mean,
+            cfg.data.std,
+            cfg.model.num_classes,
+        ),
         placement=placement,
         cfg=t,
         seed=cfg.seed,

@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part loop --steps 3 --reps 3
     python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part loop --config configs/cpu-fast.toml \
         --steps 15 --reps 3
+    python benchmarks/bench_train.py --data-dir /tmp/cifar10 --part sizes --config configs/cpu-fast.toml
     python benchmarks/bench_train.py --data-dir /tmp/cifar10 --device cuda   # on a GPU machine
 
 Part ``jobs``: the job "1 epoch of ResNet-24 (blocks 3 5 3, channels 64 128 256) in batches of
@@ -26,7 +27,12 @@ epochs of ``--steps`` steps interleaved with bare runs of as many steps. By defa
 ResNet-24 with crop 4 + flip and plain SGD; ``--config`` measures a config's own design, batch
 size, augmentation, label smoothing, optimizer, weight EMA, precision and layout instead.
 
-Both parts also print the rate in GFLOP/s (training ~ 3 x 2 x MACs per image) against this
+Part ``sizes``: what progressive resizing (``augment.crop_sizes``) saves. Bare forward + backward +
+step images/s of the design (the config's, else ResNet-24) on synthetic batches of windows of side
+``--sizes`` (default 32 28 24 20), interleaved, median of ``--reps``: each side's time per image
+relative to whole images, beside the ratio of the stem's output areas (what the MACs scale with).
+
+The jobs and loop parts also print the rate in GFLOP/s (training ~ 3 x 2 x MACs per image) against this
 machine's fp32 GEMM rate measured in the same run, the practical ceiling for a conv net here.
 """
 
@@ -181,7 +187,8 @@ def loop(args) -> None:
 
     if args.config:
         exp = load_config(args.config)
-        arch, augment, batch = exp.model.architecture(), exp.augment, exp.train.batch_size
+        arch, batch = exp.model.architecture(), exp.train.batch_size
+        augment = exp.augment.model_copy(update={"crop_sizes": []})  # whole images, as the bare step
         mean, std = exp.data.mean, exp.data.std
         placement = resolve_placement(args.device, exp.train.precision, exp.train.channels_last, arch=arch)
         # the config's optimizer and EMA; a constant LR (the schedule's shape costs nothing)
@@ -266,16 +273,65 @@ def loop(args) -> None:
     )
 
 
+def sizes(args) -> None:
+    import torch
+
+    from cerberus.arch import Architecture
+    from cerberus.config import TrainConfig, load_config
+    from cerberus.device import resolve_placement
+    from cerberus.engine import build_optimizer
+    from cerberus.model import build_model
+
+    if args.config:
+        exp = load_config(args.config)
+        arch, cfg = exp.model.architecture(), exp.train
+        placement = resolve_placement(args.device, cfg.precision, cfg.channels_last, arch=arch)
+    else:
+        arch, cfg = Architecture(blocks=BLOCKS, channels=CHANNELS), TrainConfig(batch_size=BATCH)
+        placement = resolve_placement(args.device, arch=arch)
+    small = [s for s in args.sizes if arch.final_side_for(s) < 1]
+    if small or arch.pool != arch.final_side:
+        raise SystemExit(f"{arch.label()} cannot take windows of side {small or args.sizes}")
+    device, mf, batch = placement.device, placement.memory_format, cfg.batch_size
+    torch.manual_seed(0)
+    model = build_model(arch).to(device, memory_format=mf)
+    optimizer = build_optimizer(model, cfg)
+    y = torch.randint(0, arch.num_classes, (batch,), device=device)
+    inputs = {s: torch.randn(batch, 3, s, s, device=device).contiguous(memory_format=mf) for s in args.sizes}
+    print(f"{arch.label()}, {placement.describe()}; {args.steps} steps of {batch} per measurement")
+    for s in args.sizes:  # warm-up: oneDNN primitives for every shape
+        bare_steps_seconds(model, optimizer, inputs[s], y, placement, 1)
+    times: dict[int, list[float]] = {s: [] for s in args.sizes}
+    for rep in range(args.reps):
+        for s in args.sizes if rep % 2 == 0 else args.sizes[::-1]:
+            times[s].append(bare_steps_seconds(model, optimizer, inputs[s], y, placement, args.steps))
+    whole = median(times[args.sizes[0]])
+    area = arch.stem_side_for(args.sizes[0]) ** 2
+    for s in args.sizes:
+        rate = batch * args.steps / median(times[s])
+        print(
+            f"  side {s:2d}: {rate:7.1f} img/s, time per image x{median(times[s]) / whole:.3f} "
+            f"(stem map area x{arch.stem_side_for(s) ** 2 / area:.3f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py/")
-    parser.add_argument("--part", choices=["all", "jobs", "loop"], default="all")
+    parser.add_argument("--part", choices=["all", "jobs", "loop", "sizes"], default="all")
     parser.add_argument("--reps", type=int, default=2, help="repetitions of each side (median reported)")
     parser.add_argument("--train-images", type=int, default=2560)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=3, help="steps per loop/bare measurement")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda, for both sides")
-    parser.add_argument("--config", help="loop part: measure this config's design and settings")
+    parser.add_argument("--config", help="loop and sizes parts: measure this config's design and settings")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[32, 28, 24, 20],
+        help="sizes part: window sides, first = the reference",
+    )
     args = parser.parse_args()
     print(describe_machine())
     print(f"fp32 GEMM ceiling now: {gemm_gflops():.0f} GFLOP/s", flush=True)
@@ -283,6 +339,8 @@ def main() -> None:
         jobs(args)
     if args.part in ("all", "loop"):
         loop(args)
+    if args.part == "sizes":
+        sizes(args)
     print(f"fp32 GEMM ceiling at the end: {gemm_gflops():.0f} GFLOP/s")
 
 

@@ -85,7 +85,11 @@ class Architecture:
     @property
     def stem_side(self) -> int:
         """Side of the stem's output map: 32 for an odd stem kernel, 31 for an even one."""
-        return INPUT_SIDE + 2 * ((self.stem_kernel - 1) // 2) - self.stem_kernel + 1
+        return self.stem_side_for(INPUT_SIDE)
+
+    def stem_side_for(self, input_side: int) -> int:
+        """Side of the stem's output map for square inputs of side ``input_side``."""
+        return input_side + 2 * ((self.stem_kernel - 1) // 2) - self.stem_kernel + 1
 
     def halve(self, side: int) -> int:
         """A halving stage's output side: a stride-2 conv rounds up, a 2x2 max-pool rounds down."""
@@ -106,7 +110,11 @@ class Architecture:
     @property
     def final_side(self) -> int:
         """Side of the last stage's feature map."""
-        side = self.stem_side
+        return self.final_side_for(INPUT_SIDE)
+
+    def final_side_for(self, input_side: int) -> int:
+        """Side of the last stage's feature map for square inputs of side ``input_side`` (0: none)."""
+        side = self.stem_side_for(input_side)
         for i in range(len(self.blocks)):
             if self.stage_downsamples(i):
                 side = self.halve(side)

@@ -68,21 +68,25 @@ def _crop_flip(
     flip: bool,
     generator: torch.Generator,
     mirrored: torch.Tensor | None = None,
+    size: int | None = None,
 ) -> torch.Tensor:
-    """Random (H, W) window of the padded batch, optionally mirrored: one gather, uint8 in and out.
+    """Random window of the padded batch, optionally mirrored: one gather, uint8 in and out.
 
-    Per image, offsets ``dy, dx`` in ``0..2*padding`` pick the window; output pixel ``(i, j)`` is
-    padded pixel ``(i + dy, j + dx)``, or ``(i + dy, W-1-j + dx)`` when the image is flipped:
+    The window is (S, S) for ``size`` S, else (H, W). Per image, offsets ``dy, dx`` in
+    ``0..H+2*padding-S`` (``0..2*padding`` for whole images) pick it; output pixel ``(i, j)`` is
+    padded pixel ``(i + dy, j + dx)``, or ``(i + dy, S-1-j + dx)`` when the image is flipped:
     with probability 0.5, or where ``mirrored`` (bool (B,)) says when it is given.
     """
     b, c, h, w = images.shape
     device = images.device
-    rows = torch.arange(h, device=device).expand(b, h)  # (B, H) in padded coordinates
-    cols = torch.arange(w, device=device).expand(b, w)  # (B, W)
-    if padding:
-        offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=device)
+    out_h, out_w = (h, w) if size is None else (size, size)
+    rows = torch.arange(out_h, device=device).expand(b, out_h)  # (B, S) in padded coordinates
+    cols = torch.arange(out_w, device=device).expand(b, out_w)  # (B, S)
+    slack = 2 * padding + h - out_h  # square images: the same in both directions
+    if slack:
+        offsets = torch.randint(0, slack + 1, (2, b, 1), generator=generator, device=device)
         rows, cols = rows + offsets[0], cols + offsets[1]
-    if flip:  # reversing j + dx along j gives W-1-j + dx
+    if flip:  # reversing j + dx along j gives S-1-j + dx
         if mirrored is None:
             mirrored = torch.rand(b, generator=generator, device=device) < 0.5
         cols = torch.where(mirrored.view(b, 1), cols.flip(1), cols)
@@ -91,9 +95,9 @@ def _crop_flip(
         source = F.pad(images, (padding, padding, padding, padding))  # black pixels, as RandomCrop
     elif padding:  # reflect: map padded coordinates back into the image, no padded copy needed
         rows, cols = _reflect(rows - padding, h), _reflect(cols - padding, w)
-    width = source.shape[3]
-    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return source.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
+    width, area = source.shape[3], out_h * out_w
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, area).expand(b, c, area)
+    return source.reshape(b, c, -1).gather(2, index).view(b, c, out_h, out_w)
 
 
 def _reflect(coords: torch.Tensor, size: int) -> torch.Tensor:
@@ -199,20 +203,28 @@ class Augmenter:
         labels: torch.Tensor,
         generator: torch.Generator,
         mirrored: torch.Tensor | None = None,
+        size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) and int64 (B,) on the device -> float32 (B, 3, H, W) and targets.
 
         Targets are the labels (int64 (B,)) unless mixup or cutmix is configured; then they are
         float32 (B, num_classes) probabilities for every batch, mixed or not. ``mirrored`` (bool
         (B,)) decides the flips instead of a coin per image (``flip_mode = "alternate"``, see
-        :func:`alternating_flips`).
+        :func:`alternating_flips`). ``size`` S < H crops a random (S, S) window of each padded
+        image instead (progressive resizing, :meth:`crop_size`); the output is (B, 3, S, S).
         """
         _check_images(images)
         if generator.device.type != images.device.type:
             raise ValueError(f"the generator is on {generator.device}, the images on {images.device}")
         cfg = self.cfg
-        if cfg.crop_padding or cfg.flip:
-            images = _crop_flip(images, cfg.crop_padding, cfg.crop_mode, cfg.flip, generator, mirrored)
+        if size is not None and not (images.shape[2] == images.shape[3] and 0 < size <= images.shape[2]):
+            raise ValueError(
+                f"crop size {size} needs square images of at least that side, got {tuple(images.shape[2:])}"
+            )
+        if size == images.shape[2] == images.shape[3]:
+            size = None
+        if cfg.crop_padding or cfg.flip or size is not None:
+            images = _crop_flip(images, cfg.crop_padding, cfg.crop_mode, cfg.flip, generator, mirrored, size)
         x = images.to(torch.float32)
         if cfg.rotation:
             x = _rotate(x, cfg.rotation, generator)
@@ -223,6 +235,11 @@ class Augmenter:
         if not self.mixes:
             return x, labels
         return self._mix(x, labels, generator)
+
+    def crop_size(self, epoch: int) -> int | None:
+        """The side of epoch ``epoch``'s (0-based) training windows, or None for whole images."""
+        sizes = self.cfg.crop_sizes
+        return sizes[epoch] if epoch < len(sizes) else None
 
     def _mix(
         self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator

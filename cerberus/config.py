@@ -11,11 +11,18 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from cerberus.arch import DEFAULT_BUDGET, STEM_KERNEL, Architecture, architecture_problems, check_budget
+from cerberus.arch import (
+    DEFAULT_BUDGET,
+    INPUT_SIDE,
+    STEM_KERNEL,
+    Architecture,
+    architecture_problems,
+    check_budget,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,6 +177,12 @@ class AugmentConfig(Section):
     crop_mode: Literal["zero", "reflect"] = Field(
         default="zero", description="How the crop padding is filled."
     )
+    crop_sizes: list[Annotated[int, Field(ge=8, le=INPUT_SIDE)]] = Field(
+        default_factory=list,
+        description="Progressive resizing: the side of the random training window (of the padded "
+        "image) in each epoch from the first, e.g. [24, 24, 28]; later epochs train on whole images. "
+        "Needs the global average pool.",
+    )
     flip: bool = Field(default=True, description="Random horizontal flip (probability 0.5).")
     flip_mode: Literal["random", "alternate"] = Field(
         default="random",
@@ -316,6 +329,23 @@ class TrainConfig(Section):
         return self
 
 
+def _check_crop_sizes(arch: Architecture, sizes: list[int]) -> None:
+    """Smaller training windows need a global average pool and a map left after the last stage."""
+    if arch.pool != arch.final_side:
+        raise ValueError(
+            f"augment.crop_sizes trains on smaller images, which needs the global average pool: "
+            f"model.pool_size = {arch.pool_size} pools a {arch.final_side}x{arch.final_side} map "
+            "in parts; leave pool_size unset"
+        )
+    smallest = min(sizes)
+    if arch.final_side_for(smallest) < 1:
+        fits = next(s for s in range(smallest, INPUT_SIDE + 1) if arch.final_side_for(s) >= 1)
+        raise ValueError(
+            f"augment.crop_sizes: a {smallest}x{smallest} window leaves no map after the last "
+            f"stage of this model; the smallest it takes is {fits}"
+        )
+
+
 class ExperimentConfig(BaseModel):
     """One experiment: a name, a seed, and the four sections."""
 
@@ -339,6 +369,8 @@ class ExperimentConfig(BaseModel):
                     f"it needs an even number of stem channels from 2 to {most} (for stem_kernel = "
                     f"{arch.stem_kernel}), got {arch.stem_width}; set model.stem_channels"
                 )
+        if self.augment.crop_sizes and not _model_replaced(info):
+            _check_crop_sizes(self.model.architecture(), self.augment.crop_sizes)
         return self
 
     def to_dict(self) -> dict[str, Any]:

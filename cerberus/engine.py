@@ -297,7 +297,8 @@ class Trainer:
         idx = self.batch_indices(epoch, step)
         generator = step_generator(self.seed, epoch, step, self.placement.device, self.rank)
         mirrored = None if self._flips is None else self._flips[idx] ^ (epoch % 2 == 1)
-        x, targets = self.augmenter(self.images[idx], self.labels[idx], generator, mirrored)
+        size = self.augmenter.crop_size(epoch)
+        x, targets = self.augmenter(self.images[idx], self.labels[idx], generator, mirrored, size)
         x = x.contiguous(memory_format=self.placement.memory_format)
         lr = self.schedule.apply(self.optimizer, epoch, step)
         with self.placement.autocast():

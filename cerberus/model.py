@@ -51,7 +51,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem, ``len(arch.blocks)`` stages of basic blocks, average pool, linear classifier."""
+    """Stem, ``len(arch.blocks)`` stages of basic blocks, average pool, linear classifier.
+
+    Built for 32x32 inputs; with global pooling (the default ``P``) it also takes smaller square
+    inputs (``augment.crop_sizes`` trains on them), pooling whatever map the last stage leaves.
+    """
 
     def __init__(self, arch: Architecture):
         super().__init__()
@@ -73,13 +77,17 @@ class ResNet(nn.Module):
                 cin = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.pool = nn.AvgPool2d(arch.pool)
+        self.global_pool = arch.pool == arch.final_side
         self.linear = nn.Linear(arch.head_features, arch.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, num_classes)
         out = F.relu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             out = getattr(self, f"layer{i + 1}")(out)
-        out = self.pool(out)  # (B, C, side/P, side/P)
+        if self.global_pool and out.shape[-1] != self.arch.final_side:
+            out = out.mean((2, 3), keepdim=True)  # smaller training crops: still the global average
+        else:
+            out = self.pool(out)  # (B, C, side/P, side/P)
         return self.linear(torch.flatten(out, 1))
 
 

@@ -230,8 +230,11 @@ class Run:
         """Every rank needs an image of every global batch (the last one may be short)."""
         n, batch, ranks = len(self.splits.train_labels), self.config.train.batch_size, self.dist.world_size
         smallest = min(batch, n - (-(-n // batch) - 1) * batch)
-        # BatchNorm needs two values per channel: on a 1x1 final map, two images per shard.
-        per_shard = 2 if self.config.model.architecture().final_side == 1 else 1
+        # BatchNorm needs two values per channel: on a 1x1 final map, two images per shard
+        # (also where a smaller training window of augment.crop_sizes leaves 1x1).
+        arch = self.config.model.architecture()
+        sides = [arch.final_side_for(s) for s in self.config.augment.crop_sizes] + [arch.final_side]
+        per_shard = 2 if min(sides) == 1 else 1
         if smallest < ranks * per_shard:
             raise ConfigError(
                 f"train.batch_size: a batch of {smallest} image(s) cannot be shared by {ranks} "

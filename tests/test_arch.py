@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cerberus.arch import (
@@ -231,6 +232,31 @@ def test_non_global_pool_widens_the_linear_layer() -> None:
         assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     pool1 = Architecture(blocks=(1, 1), channels=(8, 16), pool_size=1)
     assert build_model(pool1).linear.in_features == 16 * 16 * 16
+
+
+def test_a_global_pool_takes_smaller_inputs_and_averages_their_last_map() -> None:
+    small = Architecture(
+        blocks=(1, 1, 1), channels=(32, 128, 128), stem_channels=24, downsample="pool", stem_kernel=2
+    )
+    # 24 -> 23 (stem) -> 11 -> 5 -> 2; 32 gives the nominal 3; 9 -> 8 -> 4 -> 2 -> 1 is the least
+    assert [small.final_side_for(s) for s in (32, 24, 9, 8)] == [3, 2, 1, 0]
+    assert Architecture(blocks=(3, 5, 3)).final_side_for(24) == 6  # 24 -> 12 -> 6 (strides round up)
+    torch.manual_seed(0)
+    model = build_model(small).eval()
+    x = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        out = F.relu(model.bn1(model.conv1(x)))
+        features = model.layer3(model.layer2(model.layer1(out)))
+        assert features.shape == (3, 128, 2, 2)
+        expected = model.linear(features.mean((2, 3)))
+        torch.testing.assert_close(model(x), expected)
+        whole = torch.randn(3, 3, 32, 32)  # whole images: the AvgPool2d(P) of the design, unchanged
+        nominal = model.layer3(model.layer2(model.layer1(F.relu(model.bn1(model.conv1(whole))))))
+        assert torch.equal(model(whole), model.linear(torch.flatten(model.pool(nominal), 1)))
+    # a pool that is not global keeps its geometry: a smaller input does not fit the linear layer
+    parted = build_model(Architecture(blocks=(3, 5, 3), channels=(8, 16, 32), pool_size=4)).eval()
+    with pytest.raises(RuntimeError), torch.no_grad():
+        parted(torch.zeros(1, 3, 24, 24))
 
 
 # --------------------------------------------------------------------------------------------

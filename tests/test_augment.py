@@ -120,6 +120,56 @@ def test_alternating_flips_are_a_seeded_half() -> None:
     assert not torch.equal(flips, aug.alternating_flips(4, 10_000, torch.device("cpu")))
 
 
+def test_crop_size_takes_a_smaller_window_of_the_padded_image() -> None:
+    images = random_images(32, low=1)
+    cfg = AugmentConfig(crop_padding=2, crop_mode="reflect", flip=False)
+    labels = torch.arange(32) % 10
+    out, _ = aug.Augmenter(cfg, *IDENTITY)(images, labels, torch.Generator().manual_seed(6), size=24)
+    assert out.shape == (32, 3, 24, 24)
+    padded = F.pad(images.float(), (2, 2, 2, 2), mode="reflect")
+    # offsets 0..12 in each direction: 36 padded pixels less the 24 the window keeps
+    expected = torch.randint(0, 13, (2, 32, 1), generator=torch.Generator().manual_seed(6))
+    for i in range(32):
+        dy, dx = expected[0, i, 0].item(), expected[1, i, 0].item()
+        assert torch.equal(out[i], padded[i, :, dy : dy + 24, dx : dx + 24])
+    assert len({(a, b) for a, b in zip(expected[0, :, 0].tolist(), expected[1, :, 0].tolist())}) > 10
+    # flips mirror the window; a window of the whole image is the default crop, draw for draw
+    flip_cfg = cfg.model_copy(update={"flip": True})
+    none, every = torch.zeros(32, dtype=torch.bool), torch.ones(32, dtype=torch.bool)
+    flipper = aug.Augmenter(flip_cfg, *IDENTITY)
+    plain, _ = flipper(images, labels, torch.Generator().manual_seed(6), none, 24)
+    mirrored, _ = flipper(images, labels, torch.Generator().manual_seed(6), every, 24)
+    assert torch.equal(plain, out) and torch.equal(mirrored, out.flip(-1))
+    whole, _ = flipper(images, labels, torch.Generator().manual_seed(6), size=32)
+    default, _ = flipper(images, labels, torch.Generator().manual_seed(6))
+    assert torch.equal(whole, default)
+    # without padding or flips the window still moves: 0..8 offsets of the image itself
+    bare, _ = aug.Augmenter(AugmentConfig(crop_padding=0, flip=False), *IDENTITY)(
+        images, labels, torch.Generator().manual_seed(1), size=24
+    )
+    drawn = torch.randint(0, 9, (2, 32, 1), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bare[5], images[5, :, drawn[0, 5, 0] :, drawn[1, 5, 0] :][:, :24, :24].float())
+    with pytest.raises(ValueError, match="crop size 40"):
+        aug.Augmenter(cfg, *IDENTITY)(images, labels, torch.Generator(), size=40)
+    with pytest.raises(ValueError, match="square images"):
+        aug.Augmenter(cfg, *IDENTITY)(images[:, :, :30], labels, torch.Generator(), size=24)
+    # zero padding: windows of the black-bordered image, offsets drawn the same way
+    zero_windows, _ = aug.Augmenter(AugmentConfig(crop_padding=2, flip=False), *IDENTITY)(
+        images, labels, torch.Generator().manual_seed(6), size=24
+    )
+    black = F.pad(images.float(), (2, 2, 2, 2))
+    for i in range(32):
+        dy, dx = expected[0, i, 0].item(), expected[1, i, 0].item()
+        assert torch.equal(zero_windows[i], black[i, :, dy : dy + 24, dx : dx + 24])
+    assert (zero_windows == 0).any()
+
+
+def test_crop_size_follows_the_configured_epochs() -> None:
+    augmenter = aug.Augmenter(AugmentConfig(crop_sizes=[20, 24, 28]), *IDENTITY)
+    assert [augmenter.crop_size(e) for e in range(5)] == [20, 24, 28, None, None]
+    assert aug.Augmenter(AugmentConfig(), *IDENTITY).crop_size(0) is None
+
+
 def test_reflect_padding_never_shows_zero_fill() -> None:
     images = random_images(64, low=1)
     zero_out, _ = augment(AugmentConfig(crop_padding=4, crop_mode="zero"), images, seed=3)

@@ -144,6 +144,7 @@ def interrupt_at(epoch: int, step: int):
         (1, 7, ()),  # the end of epoch 1
         (2, 3, ("augment.flip_mode=alternate",)),
         (2, 3, ("train.optimizer=muon", "train.muon_lr=0.02")),  # Muon at 0.4x the SGD lr
+        (2, 3, ("augment.crop_sizes=[16, 24]",)),  # mid-epoch in 24x24 windows, then whole images
     ],
 )
 def test_resume_after_interrupt_is_bitwise_exact(tmp_path, fake_cifar, epoch, step, extra):
@@ -500,7 +501,10 @@ def test_alternating_flip_mirrors_each_image_the_other_way_every_epoch():
         def __init__(self):
             self.mirrored = {}
 
-        def __call__(self, images, labels, generator, mirrored):
+        def crop_size(self, epoch):
+            return None
+
+        def __call__(self, images, labels, generator, mirrored, size):
             for index, flip in zip(images[:, 0, 0, 0].tolist(), mirrored.tolist()):
                 self.mirrored.setdefault(index, []).append(flip)
             raise Seen
@@ -578,6 +582,54 @@ def test_a_pooling_design_trains_and_its_checkpoint_evaluates_to_the_summary(tmp
     assert report["architecture"]["downsample"] == "pool"
     assert report["accuracy"] == summary["test_accuracy"]
     assert report["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+
+
+def test_progressive_resizing_trains_on_the_listed_windows_and_evaluates_whole_images(
+    tmp_path, fake_cifar, monkeypatch
+):
+    from cerberus.model import ResNet
+
+    seen: list[tuple[bool, int]] = []
+    forward = ResNet.forward
+
+    def recording_forward(self, x):
+        seen.append((self.training, x.shape[-1]))
+        return forward(self, x)
+
+    monkeypatch.setattr(ResNet, "forward", recording_forward)
+    cfg = tiny_config(tmp_path, "augment.crop_sizes=[16, 24]", "data.val_size=0")
+    train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    steps = math.ceil(len(load_cifar10(fake_cifar).train_labels) / cfg.train.batch_size)
+    trained = [side for training, side in seen if training]
+    assert trained == [16] * steps + [24] * steps + [32] * steps
+    assert {side for training, side in seen if not training} == {32}  # evaluation: whole images
+
+
+def test_crop_sizes_need_the_global_pool_and_a_map_at_the_end(tmp_path):
+    with pytest.raises(ConfigError, match=r"needs the global average pool: model.pool_size = 2"):
+        tiny_config(tmp_path, "model.pool_size=2", "augment.crop_sizes=[24]")
+    # blocks [1, 1] with a 3x3 stem: the map halves once, so an 8x8 window still leaves 4x4
+    assert tiny_config(tmp_path, "augment.crop_sizes=[8]").augment.crop_sizes == [8]
+    # four stages that halve by max-pooling need 16 pixels: 16 -> 8 -> 4 -> 2 -> 1
+    four = ("model.blocks=[1, 1, 1, 1]", "model.channels=[4, 4, 4, 4]", 'model.downsample="pool"')
+    with pytest.raises(ConfigError, match=r"a 12x12 window leaves no map .* the smallest it takes is 16"):
+        tiny_config(tmp_path, *four, "augment.crop_sizes=[24, 12]")
+    assert tiny_config(tmp_path, *four, "augment.crop_sizes=[16]").augment.crop_sizes == [16]
+    with pytest.raises(ConfigError, match="crop_sizes"):
+        tiny_config(tmp_path, "augment.crop_sizes=[33]")
+
+
+def test_a_window_that_leaves_a_1x1_map_needs_two_images_in_every_batch(tmp_path, fake_cifar):
+    # four max-pooling stages: whole images end on 2x2, 16x16 windows on 1x1, where BatchNorm
+    # needs two images; 65 images in batches of 64 leave a last batch of one
+    design = ("model.blocks=[1, 1, 1, 1]", "model.channels=[4, 4, 4, 4]", 'model.downsample="pool"')
+    small = (*design, "data.val_size=0", "data.train_subset=65", "train.epochs=1")
+    cropped = tiny_config(tmp_path, *small, "augment.crop_sizes=[16]")
+    with pytest.raises(ConfigError, match=r"a batch of 1 image\(s\) .* at least 2 image"):
+        train_run(cropped, out_dir=tmp_path / "cropped", data_dir=str(fake_cifar))
+    assert not (tmp_path / "cropped" / "last.pt").exists()
+    whole = train_run(tiny_config(tmp_path, *small), out_dir=tmp_path / "whole", data_dir=str(fake_cifar))
+    assert (whole.out_dir / "best.pt").exists()
 
 
 # --------------------------------------------------------------------------------------------
