@@ -522,6 +522,9 @@ class Run:
             "train_accuracy": state.correct / images,
             "train_images_per_sec": state.images / max(state.seconds, 1e-9),
         }
+        size = self.trainer.augmenter.crop_size(epoch)
+        if size is not None:  # progressive resizing: this epoch trained on (size, size) windows
+            line["crop_size"] = size
         if has_val:
             val = self.evaluate(None, self.splits.val_images, self.splits.val_labels)
             line.update(val_loss=val["loss"], val_accuracy=val["accuracy"])

@@ -597,12 +597,19 @@ def test_progressive_resizing_trains_on_the_listed_windows_and_evaluates_whole_i
         return forward(self, x)
 
     monkeypatch.setattr(ResNet, "forward", recording_forward)
-    cfg = tiny_config(tmp_path, "augment.crop_sizes=[16, 24]", "data.val_size=0")
-    train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
-    steps = math.ceil(len(load_cifar10(fake_cifar).train_labels) / cfg.train.batch_size)
+    out = tmp_path / "run"
+    args = ["train", str(write_config(tmp_path)), "--data-dir", str(fake_cifar), "--out", str(out), "--quiet"]
+    sets = ["--set", "augment.crop_sizes=[16, 24]", "data.val_size=0"]
+    result = CliRunner().invoke(app, [*args, *sets])
+    assert result.exit_code == 0, result.output
+    steps = math.ceil(len(load_cifar10(fake_cifar).train_labels) / tiny_config(tmp_path).train.batch_size)
     trained = [side for training, side in seen if training]
     assert trained == [16] * steps + [24] * steps + [32] * steps
     assert {side for training, side in seen if not training} == {32}  # evaluation: whole images
+    lines = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line.get("crop_size") for line in lines] == [16, 24, None]
+    assert "(16x16 windows)" in result.output and "(24x24 windows)" in result.output
+    assert result.output.count("windows)") == 2
 
 
 def test_crop_sizes_need_the_global_pool_and_a_map_at_the_end(tmp_path):

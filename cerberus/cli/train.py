@@ -93,7 +93,8 @@ class TrainDisplay:
         parts = [
             f"epoch {e['epoch']:>3}",
             f"lr {e['lr']:.4g}" + (f" (muon {e['muon_lr']:.4g})" if "muon_lr" in e else ""),
-            f"train loss {e['train_loss']:.4f} acc {e['train_accuracy']:.4f}",
+            f"train loss {e['train_loss']:.4f} acc {e['train_accuracy']:.4f}"
+            + (f" ({e['crop_size']}x{e['crop_size']} windows)" if "crop_size" in e else ""),
         ]
         if "val_accuracy" in e:
             parts.append(f"val loss {e['val_loss']:.4f} acc {e['val_accuracy']:.4f}")
