@@ -77,14 +77,15 @@ class ResNet(nn.Module):
                 cin = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.pool = nn.AvgPool2d(arch.pool)
-        self.global_pool = arch.pool == arch.final_side
+        # the last stage's side on whole images where the pool is global, else None
+        self.global_side = arch.final_side if arch.pool == arch.final_side else None
         self.linear = nn.Linear(arch.head_features, arch.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, num_classes)
         out = F.relu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             out = getattr(self, f"layer{i + 1}")(out)
-        if self.global_pool and out.shape[-1] != self.arch.final_side:
+        if self.global_side is not None and out.shape[-1] != self.global_side:
             out = out.mean((2, 3), keepdim=True)  # smaller training crops: still the global average
         else:
             out = self.pool(out)  # (B, C, side/P, side/P)
