@@ -258,6 +258,20 @@ class TrainConfig(Section):
         default=0.25, gt=0, lt=1, description="Fraction of training at which onecycle peaks."
     )
     ema_decay: float = Field(default=0.0, ge=0, lt=1, description="EMA of the weights per step; 0 = off.")
+    prune_ratio: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Data pruning (InfoBatch): each epoch skips this fraction of the images whose "
+        "last training loss is below the mean, at random (whole batches of them), and scales up the "
+        "loss of the rest of those; 0 = off.",
+    )
+    prune_until: float = Field(
+        default=0.875,
+        gt=0,
+        le=1,
+        description="Fraction of the epochs that prune_ratio may prune; later epochs train every image.",
+    )
     whiten_stem: bool = Field(
         default=False,
         description="Set the stem conv to patch-whitening filters of the training images (and "
@@ -313,6 +327,8 @@ class TrainConfig(Section):
             )
         if self.t_max is not None and self.schedule != "seed":
             raise ValueError(f"t_max applies to the seed schedule only, not {self.schedule!r}")
+        if self.prune_until != type(self).model_fields["prune_until"].default and self.prune_ratio == 0:
+            raise ValueError("prune_until applies to data pruning only: set prune_ratio too")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.nesterov and self.optimizer == "adamw":

@@ -4,7 +4,8 @@ Everything random or time-dependent in a step is a pure function of ``(seed, epo
 batch order (:func:`cerberus.data.batch_indices`), the augmentation (:func:`cerberus.data.step_generator`)
 and the learning rate (:class:`LRSchedule`). That is what makes a run resumed mid-epoch end with
 the same weights, bit for bit, as one that was never interrupted: the checkpoint only needs the
-weights, the optimizer and EMA state and the position ``(epoch, step)``.
+weights, the optimizer and EMA state and the position ``(epoch, step)`` (and, with data pruning,
+every image's latest loss and the epoch's plan, :class:`cerberus.prune.DataPruner`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cerberus.data import batch_indices, step_generator, steps_per_epoch
 from cerberus.device import Placement
 from cerberus.errors import ConfigError, DivergenceError
 from cerberus.optim import MuonSGD
+from cerberus.prune import DataPruner
 
 # --------------------------------------------------------------------------------------------
 # Optimizer and schedule
@@ -110,12 +112,15 @@ class LRSchedule:
             value *= t / cfg.warmup_epochs
         return value
 
-    def lr_at(self, epoch: int, step: int) -> float:
-        """Learning rate of step ``step`` of epoch ``epoch`` (the step's end, so never 0)."""
-        return self.cfg.lr * self.factor(epoch + (step + 1) / self.steps_per_epoch)
+    def lr_at(self, epoch: int, step: int, steps: int | None = None) -> float:
+        """Learning rate of step ``step`` of epoch ``epoch`` (the step's end, so never 0); ``steps``
+        is that epoch's number of steps when it differs from ``steps_per_epoch`` (data pruning)."""
+        return self.cfg.lr * self.factor(epoch + (step + 1) / (steps or self.steps_per_epoch))
 
-    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> float:
-        lr = self.lr_at(epoch, step)
+    def apply(
+        self, optimizer: torch.optim.Optimizer, epoch: int, step: int, steps: int | None = None
+    ) -> float:
+        lr = self.lr_at(epoch, step, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
@@ -271,6 +276,7 @@ class Trainer:
     world_size: int = 1
     base_model: nn.Module | None = None  # the unwrapped model (what EMA and checkpoints see)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum across ranks
+    pruner: DataPruner | None = None  # train.prune_ratio: the images each epoch trains
     _sync_every: int = field(default=1)
     _flips: torch.Tensor | None = field(default=None)  # flip_mode = "alternate": even epochs' flips
 
@@ -284,28 +290,52 @@ class Trainer:
 
     def batch_indices(self, epoch: int, step: int) -> torch.Tensor:
         """This rank's indices of global batch ``step`` of ``epoch``, on the images' device."""
-        n, batch = len(self.labels), self.cfg.batch_size
-        return batch_indices(n, batch, self.seed, epoch, step, self.rank, self.world_size, self.images.device)
+        n, batch, ranks = len(self.labels), self.cfg.batch_size, self.world_size
+        if self.pruner is None:
+            return batch_indices(n, batch, self.seed, epoch, step, self.rank, ranks, self.images.device)
+        self.pruner.plan(epoch)
+        global_batch = self.pruner.order[step * batch : (step + 1) * batch]
+        return torch.tensor_split(global_batch, ranks)[self.rank].clone()
 
     @property
     def steps_per_epoch(self) -> int:
+        """Steps of an epoch of every training image (pruned epochs have fewer: :meth:`steps_in`)."""
         return steps_per_epoch(len(self.labels), self.cfg.batch_size)
+
+    def images_in(self, epoch: int) -> int:
+        """Training images that ``epoch`` trains (all of them unless data pruning skips some)."""
+        if self.pruner is None:
+            return len(self.labels)
+        self.pruner.plan(epoch)
+        return len(self.pruner.order)
+
+    def steps_in(self, epoch: int) -> int:
+        """Steps of ``epoch``."""
+        return steps_per_epoch(self.images_in(epoch), self.cfg.batch_size)
 
     def train_step(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """One optimisation step; returns (loss sum, correct count, images, lr) of this rank."""
-        n = len(self.labels)
+        n = self.images_in(epoch)
         idx = self.batch_indices(epoch, step)
         generator = step_generator(self.seed, epoch, step, self.placement.device, self.rank)
         mirrored = None if self._flips is None else self._flips[idx] ^ (epoch % 2 == 1)
         size = self.augmenter.crop_size(epoch)
         x, targets = self.augmenter(self.images[idx], self.labels[idx], generator, mirrored, size)
         x = x.contiguous(memory_format=self.placement.memory_format)
-        lr = self.schedule.apply(self.optimizer, epoch, step)
+        lr = self.schedule.apply(self.optimizer, epoch, step, self.steps_in(epoch))
         with self.placement.autocast():
             logits = self.model(x)
         # The loss in fp32: mean over this rank's shard, scaled so that DDP's gradient average
         # over ranks equals the gradient of the global batch's mean loss.
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        if self.pruner is None:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+            reported = loss.detach() * len(idx)
+        else:  # each image's loss is its score; the kept well-learned ones weigh more
+            smoothing = self.label_smoothing
+            losses = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="none")
+            self.pruner.record(idx, losses)
+            loss = (losses * self.pruner.weights[idx]).mean()
+            reported = losses.detach().sum()
         self.optimizer.zero_grad(set_to_none=True)
         global_batch = min(self.cfg.batch_size, n - step * self.cfg.batch_size)  # the last may be short
         scale = len(idx) * self.world_size / global_batch
@@ -325,7 +355,7 @@ class Trainer:
             self.ema.update(self.base_model)
         hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
         correct = (logits.argmax(dim=1) == hard).sum()
-        return loss.detach() * len(idx), correct, len(idx), lr
+        return reported, correct, len(idx), lr
 
     def run_epoch(
         self,
@@ -348,7 +378,7 @@ class Trainer:
         (a rank stopping alone would leave the others waiting in the next gradient all-reduce).
         """
         self.model.train()
-        steps = self.steps_per_epoch
+        steps = self.steps_in(epoch)
         collective = self.reduce is not None
         # loss sum, correct count (and under DDP, how many ranks want to stop)
         pending = torch.zeros(3 if collective else 2, device=self.placement.device)
@@ -369,6 +399,8 @@ class Trainer:
                     stop = stop_votes > 0
                 else:
                     loss_value, correct_value = pending.tolist()
+                if self.pruner is not None and (step == steps or stop or (every and step % every == 0)):
+                    self.pruner.merge(self.reduce)  # the scores are whole where a checkpoint may come
                 if not math.isfinite(loss_value):
                     raise DivergenceError(
                         f"the training loss became non-finite at epoch {epoch + 1}, step {step}: "
@@ -377,7 +409,7 @@ class Trainer:
                 state.loss_sum += loss_value
                 state.correct += correct_value
                 pending.zero_()
-                state.images = min(step * self.cfg.batch_size, len(self.labels))
+                state.images = min(step * self.cfg.batch_size, self.images_in(epoch))
                 state.seconds += time.perf_counter() - t0
                 if on_step is not None:
                     on_step(step, state, lr)

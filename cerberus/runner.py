@@ -51,6 +51,7 @@ from cerberus.errors import CerberusError, CheckpointError, ConfigError, Diverge
 from cerberus.evaluate import classification_report, predict_logits
 from cerberus.files import atomic_write, run_lock
 from cerberus.model import build_model
+from cerberus.prune import DataPruner
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -223,8 +224,17 @@ class Run:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             reduce=self.dist.all_reduce_sum if self.dist.world_size > 1 else None,
+            pruner=self.make_pruner(),
         )
         self.params = sum(p.numel() for p in model.parameters())
+
+    def make_pruner(self) -> DataPruner | None:
+        t = self.config.train
+        if t.prune_ratio == 0:
+            return None
+        until = int(t.prune_until * t.epochs)
+        n = len(self.splits.train_labels)
+        return DataPruner(n, t.prune_ratio, until, t.batch_size, self.config.seed, self.placement.device)
 
     def check_shards(self) -> None:
         """Every rank needs an image of every global batch (the last one may be short)."""
@@ -257,6 +267,10 @@ class Run:
             if self.trainer.scaler is not None and ckpt.get("scaler") is not None:
                 self.trainer.scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["rng"])
+            if self.trainer.pruner is not None:
+                if ckpt.get("pruner") is None:
+                    raise ValueError("it holds no data-pruning scores (train.prune_ratio was 0)")
+                self.trainer.pruner.load_state_dict(ckpt["pruner"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             # The weights were checked before anything was written; the rest of the state is
             # only known to fit when PyTorch loads it.
@@ -310,6 +324,9 @@ class Run:
             # and the global RNG states are kept for code outside the step that may draw from them.
             "scheduler": {"kind": self.config.train.schedule, "epoch": epoch, "step": step},
             "scaler": self.trainer.scaler.state_dict() if self.trainer.scaler is not None else None,
+            # train.prune_ratio: every image's latest loss and the epoch's plan (the batch order
+            # depends on them as well as on the seed)
+            "pruner": self.trainer.pruner.state_dict() if self.trainer.pruner is not None else None,
             "rng": _rng_state(),
             "role": "last",
             "weights": "model",
@@ -405,7 +422,7 @@ class Run:
 
     def train(self, start_epoch: int, start_step: int, state: EpochState, stop: StopFlag) -> None:
         cfg = self.config
-        steps = self.trainer.steps_per_epoch
+        steps = self.trainer.steps_in(start_epoch) if start_epoch < cfg.train.epochs else 0
         has_val = len(self.splits.val_labels) > 0
         self.emit(
             {
@@ -451,6 +468,7 @@ class Run:
         if start_epoch >= cfg.train.epochs:  # resuming a finished run: a kill may have come
             self.write_metrics(plot=True)  # between its last last.pt and metrics.jsonl
         for epoch in range(start_epoch, cfg.train.epochs):
+            steps = self.trainer.steps_in(epoch)  # fewer where data pruning skips images
             try:
                 state, step = self.trainer.run_epoch(
                     epoch, state, start_step if epoch == start_epoch else 0, on_step, stop
@@ -479,7 +497,7 @@ class Run:
                 # best.pt holds the selected weights (the EMA's when on) under "model", and what
                 # describes them as of this epoch; it cannot be resumed, so no optimizer state.
                 best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
-                best.update(optimizer=None, metrics=list(self.metrics))
+                best.update(optimizer=None, pruner=None, metrics=list(self.metrics))
                 best["weights"] = "ema" if self.ema is not None else "model"
                 # Training goes on before these weights are written or evaluated: rank 0, the
                 # only one that does either, keeps a copy; the others keep the live references.
@@ -513,7 +531,8 @@ class Run:
     def epoch_line(self, epoch: int, state: EpochState, has_val: bool) -> dict[str, Any]:
         cfg = self.config
         images = max(state.images, 1)
-        lr = self.schedule.lr_at(epoch, self.trainer.steps_per_epoch - 1)
+        steps = self.trainer.steps_in(epoch)
+        lr = self.schedule.lr_at(epoch, steps - 1, steps)
         line: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -525,6 +544,8 @@ class Run:
         size = self.trainer.augmenter.crop_size(epoch)
         if size is not None:  # progressive resizing: this epoch trained on (size, size) windows
             line["crop_size"] = size
+        if self.trainer.pruner is not None:  # data pruning: images this epoch left out
+            line["pruned_images"] = self.trainer.pruner.skipped
         if has_val:
             val = self.evaluate(None, self.splits.val_images, self.splits.val_labels)
             line.update(val_loss=val["loss"], val_accuracy=val["accuracy"])

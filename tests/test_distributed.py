@@ -119,6 +119,21 @@ def test_two_processes_train_one_model_and_rank_0_alone_writes(two_process_run):
 
 
 @pytest.mark.slow
+def test_data_pruning_under_two_processes_plans_from_every_ranks_losses(config_file, fake_cifar, tmp_path):
+    out = tmp_path / "pruned"
+    args = ("train", str(config_file), "--data-dir", str(fake_cifar), "--out", str(out), "-q")
+    done = torchrun(*args, "--set", "train.prune_ratio=0.5", "data.val_size=0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    skipped = [m["pruned_images"] for m in metrics(out)]
+    assert skipped[0] == 0 and skipped[-1] == 0 and max(skipped) > 0  # until: int(0.875 * 4) = 3
+    # Rank 0 saved the scores: its own shards' losses and rank 1's, merged (none left at the
+    # initial 1.0 of an image never scored); both ranks planned the same shorter epochs, or the
+    # run would have hung in a gradient all-reduce that one rank never joined.
+    scores = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["pruner"]["scores"]
+    assert scores.shape == (500,) and not (scores == 1.0).any()
+
+
+@pytest.mark.slow
 def test_eval_of_the_2_process_checkpoint_reproduces_its_test_accuracy(two_process_run, fake_cifar):
     out, _ = two_process_run
     result = CliRunner().invoke(app, ["eval", str(out / "best.pt"), "--data-dir", str(fake_cifar), "--json"])

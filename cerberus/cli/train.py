@@ -86,6 +86,7 @@ class TrainDisplay:
             self.progress.update(
                 self.batch_task,
                 completed=e["step"],
+                total=e["steps"],  # pruned epochs are shorter
                 info=f"loss {e['loss']:.3f} acc {e['accuracy']:.3f} {e['images_per_sec']:,.0f} img/s",
             )
 
@@ -94,7 +95,8 @@ class TrainDisplay:
             f"epoch {e['epoch']:>3}",
             f"lr {e['lr']:.4g}" + (f" (muon {e['muon_lr']:.4g})" if "muon_lr" in e else ""),
             f"train loss {e['train_loss']:.4f} acc {e['train_accuracy']:.4f}"
-            + (f" ({e['crop_size']}x{e['crop_size']} windows)" if "crop_size" in e else ""),
+            + (f" ({e['crop_size']}x{e['crop_size']} windows)" if "crop_size" in e else "")
+            + (f" ({e['pruned_images']:,} images skipped)" if e.get("pruned_images") else ""),
         ]
         if "val_accuracy" in e:
             parts.append(f"val loss {e['val_loss']:.4f} acc {e['val_accuracy']:.4f}")

@@ -1,0 +1,142 @@
+"""Data pruning (train.prune_ratio): which images an epoch skips, their weights, ranks, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import TINY, bare_trainer, write_config
+
+from cerberus.config import load_config
+from cerberus.data import epoch_permutation
+from cerberus.engine import LRSchedule
+from cerberus.errors import ConfigError
+from cerberus.prune import DataPruner
+from cerberus.runner import train_run
+
+CPU = torch.device("cpu")
+
+
+def pruner(n: int = 100, ratio: float = 0.5, until: int = 5, batch: int = 8, seed: int = 7) -> DataPruner:
+    return DataPruner(n, ratio, until, batch, seed, CPU)
+
+
+def scored(p: DataPruner, scores: torch.Tensor) -> DataPruner:
+    p.record(torch.arange(len(scores)), scores)
+    p.merge()
+    return p
+
+
+def test_the_first_epoch_trains_every_image_in_the_usual_order():
+    p = pruner()
+    p.plan(0)
+    assert torch.equal(p.order, epoch_permutation(100, 7, 0))
+    assert p.skipped == 0 and torch.equal(p.weights, torch.ones(100))
+
+
+def test_whole_batches_of_well_learned_images_sit_out_and_the_rest_of_them_weigh_more():
+    # 60 images below the mean loss (0.1 against 0.76): int(0.5 * 60) = 30, rounded down to
+    # whole batches of 8 -> 24 skipped; the 36 others weigh 60 / 36.
+    scores = torch.cat([torch.full((60,), 0.1), torch.full((40,), 1.75)])[epoch_permutation(100, 1, 0)]
+    p = scored(pruner(), scores)
+    p.plan(1)
+    learned = scores < scores.mean()
+    in_epoch = torch.zeros(100, dtype=torch.bool)
+    in_epoch[p.order] = True
+    skipped = ~in_epoch
+    assert p.skipped == int(skipped.sum()) == 24
+    assert not (skipped & ~learned).any()  # only well-learned images are skipped
+    assert torch.equal(p.order, epoch_permutation(100, 7, 1)[in_epoch[epoch_permutation(100, 7, 1)]])
+    assert torch.allclose(p.weights[learned & in_epoch], torch.tensor(60 / 36))
+    assert torch.equal(p.weights[~learned], torch.ones(40))
+    # The epoch's expected gradient is the full epoch's: the weights of the well-learned images
+    # in the epoch sum to their number.
+    assert float(p.weights[learned & in_epoch].sum()) == pytest.approx(60)
+
+
+def test_the_choice_is_a_function_of_seed_epoch_and_scores():
+    scores = torch.linspace(0, 1, 100) ** 2
+    a, b = scored(pruner(), scores), scored(pruner(), scores)
+    a.plan(2)
+    b.plan(2)
+    assert torch.equal(a.order, b.order)
+    c = scored(pruner(seed=8), scores)
+    c.plan(2)
+    a.plan(3)
+    assert a.skipped == c.skipped == b.skipped  # the same count: the scores are the same
+    assert not torch.equal(b.order, c.order) and not torch.equal(b.order, a.order)
+
+
+def test_epochs_from_until_train_every_image():
+    p = scored(pruner(until=3), torch.linspace(0, 1, 100))
+    p.plan(2)
+    assert p.skipped > 0
+    p.plan(3)
+    assert p.skipped == 0 and torch.equal(p.order, epoch_permutation(100, 7, 3))
+    assert torch.equal(p.weights, torch.ones(100))
+
+
+def test_images_not_trained_keep_their_score():
+    p = scored(pruner(), torch.linspace(0, 1, 100))
+    p.record(torch.tensor([3, 50]), torch.tensor([9.0, 8.0]))
+    p.merge()
+    expected = torch.linspace(0, 1, 100)
+    expected[3], expected[50] = 9.0, 8.0
+    assert torch.equal(p.scores, expected)
+
+
+def test_two_ranks_merged_hold_the_scores_one_process_would():
+    losses = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    alone = scored(pruner(), losses)
+    ranks = [pruner(), pruner()]
+    ranks[0].record(torch.arange(0, 100, 2), losses[0::2])  # disjoint shards of the epoch
+    ranks[1].record(torch.arange(1, 100, 2), losses[1::2])
+    summed = ranks[0]._pending + ranks[1]._pending  # what an all-reduce sum hands every rank
+    for p in ranks:
+        p.merge(lambda _: summed.clone())
+        assert torch.equal(p.scores, alone.scores)
+
+
+def test_the_state_round_trips_scores_and_the_plan_in_progress():
+    p = scored(pruner(), torch.linspace(0, 1, 100))
+    p.plan(1)
+    q = pruner()
+    q.load_state_dict(p.state_dict())
+    q.plan(1)  # already planned: kept as loaded, even though the scores are the same anyway
+    assert torch.equal(q.order, p.order) and torch.equal(q.weights, p.weights)
+    assert q.skipped == p.skipped and torch.equal(q.scores, p.scores)
+    with pytest.raises(ValueError, match="one per training image"):
+        pruner(n=99).load_state_dict(p.state_dict())
+
+
+def test_the_trainer_walks_the_pruned_order_and_schedules_over_the_shorter_epoch():
+    n, batch = 100, 8
+    p = scored(pruner(n, batch=batch, seed=5), torch.linspace(0, 1, n))
+    trainer = bare_trainer(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), batch, pruner=p)
+    assert trainer.steps_in(1) == -(-(n - p.skipped) // batch) < trainer.steps_per_epoch
+    drawn = torch.cat([trainer.batch_indices(1, s) for s in range(trainer.steps_in(1))])
+    assert torch.equal(drawn, p.order)
+    schedule = LRSchedule(load_config(None, ["train.schedule=onecycle", "train.epochs=2"]).train, 13)
+    steps = trainer.steps_in(1)
+    assert schedule.lr_at(1, steps - 1, steps) == schedule.lr_at(1, 12)  # both end the epoch
+
+
+def test_prune_until_without_prune_ratio_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="prune_until applies to data pruning only"):
+        load_config(write_config(tmp_path), ["train.prune_until=0.5"])
+
+
+def test_a_pruned_run_reports_the_skipped_images_and_the_last_epochs_train_all(tmp_path, fake_cifar):
+    cfg = load_config(write_config(tmp_path, TINY), ["train.prune_ratio=0.5", "train.epochs=4"])
+    run = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
+    lines = [json.loads(x) for x in (run.out_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [line["pruned_images"] for line in lines]
+    # 400 training images in batches of 64; until = int(0.875 * 4) = 3, so epoch 4 trains all.
+    assert skipped[0] == 0 and skipped[3] == 0
+    assert all(s % 64 == 0 for s in skipped) and max(skipped[1:3]) > 0
+    assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule still ends at 0
+    last = torch.load(run.out_dir / "last.pt", weights_only=True)
+    assert last["pruner"]["scores"].shape == (400,) and last["pruner"]["epoch"] == 3
+    assert float(last["pruner"]["scores"].min()) < 1  # every image was scored by its loss
+    assert torch.load(run.out_dir / "best.pt", weights_only=True)["pruner"] is None  # not resumable
