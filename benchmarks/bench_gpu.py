@@ -72,7 +72,8 @@ def main() -> None:
         model=model,
         optimizer=build_optimizer(model, t),
         schedule=LRSchedule(t, -(-n // t.batch_size)),
-        # whole images: the timing stands for every epoch (augment.crop_sizes would shrink some)
+        # whole images and no pruner: the timing stands for every epoch (augment.crop_sizes and
+        # train.prune_ratio would shorten some, so the epochs it fits in the time are a lower bound)
         augmenter=Augmenter(
             cfg.augment.model_copy(update={"crop_sizes": []}),
             cfg.data.mean,

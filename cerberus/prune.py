@@ -10,11 +10,13 @@ the first: every score starts at 1, and none is below the mean.
 The images left out number a whole number of batches, so the epoch's last batch has the size it
 has without pruning (what ``Run.check_shards`` checked). The epoch's order is the unpruned
 epoch's order with the skipped images taken out; batch order stays a function of the seed, the
-epoch and the scores.
+epoch and the scores. (Alternating flips go by the epoch, so an image that sat an epoch out comes
+back mirrored the way it was last seen.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,8 +58,11 @@ class DataPruner:
         weights = torch.ones(self.num_images)
         skip = torch.zeros(self.num_images, dtype=torch.bool)
         if epoch < self.until_epoch and self.ratio > 0:
+            # fsum rounds the exact sum once: the mean does not depend on the order of a parallel
+            # sum (threads), so every rank compares against the same value.
             scores = self.scores.cpu()
-            learned = (scores < scores.mean()).nonzero().flatten()
+            mean = math.fsum(scores.tolist()) / len(scores)
+            learned = (scores.double() < mean).nonzero().flatten()
             # A whole number of batches, so that the last batch keeps its size.
             count = int(self.ratio * len(learned)) // self.batch_size * self.batch_size
             if count:

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import random
 import resource
 import signal
@@ -232,7 +233,7 @@ class Run:
         t = self.config.train
         if t.prune_ratio == 0:
             return None
-        until = int(t.prune_until * t.epochs)
+        until = math.floor(t.prune_until * t.epochs + 1e-9)  # 0.58 * 50 is 28.999999999999996
         n = len(self.splits.train_labels)
         return DataPruner(n, t.prune_ratio, until, t.batch_size, self.config.seed, self.placement.device)
 

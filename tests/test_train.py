@@ -145,7 +145,8 @@ def interrupt_at(epoch: int, step: int):
         (2, 3, ("augment.flip_mode=alternate",)),
         (2, 3, ("train.optimizer=muon", "train.muon_lr=0.02")),  # Muon at 0.4x the SGD lr
         (2, 3, ("augment.crop_sizes=[16, 24]",)),  # mid-epoch in 24x24 windows, then whole images
-        (2, 3, ("train.prune_ratio=0.5",)),  # mid-epoch in a pruned epoch: scores and plan resume
+        # mid-epoch in a pruned epoch: the plan resumes, and the scores half recorded plan the next
+        (2, 3, ("train.prune_ratio=0.5", "train.prune_until=1.0")),
         (1, 7, ("train.prune_ratio=0.5",)),  # between epochs: epoch 2 is planned from the scores
     ],
 )
