@@ -48,7 +48,11 @@ class DataPruner:
         self.epoch: int | None = None  # the epoch that order and weights belong to
         self.order = torch.arange(num_images, device=device)  # this epoch's images, in order
         self.weights = torch.ones(num_images, device=device)  # loss multiplier of each image
-        self.skipped = 0  # images left out of this epoch
+
+    @property
+    def skipped(self) -> int:
+        """Images left out of the planned epoch."""
+        return self.num_images - len(self.order)
 
     def plan(self, epoch: int) -> None:
         """Choose ``epoch``'s images and weights from the scores; nothing changes if it is planned."""
@@ -72,7 +76,6 @@ class DataPruner:
                 weights[chosen[count:]] = len(learned) / (len(learned) - count)
         self.order = order[~skip[order]].to(self.device)
         self.weights = weights.to(self.device)
-        self.skipped = int(skip.sum())
         self.epoch = epoch
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
@@ -94,7 +97,6 @@ class DataPruner:
             "epoch": self.epoch,
             "order": self.order.cpu(),
             "weights": self.weights.cpu(),
-            "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,5 +107,4 @@ class DataPruner:
         self.epoch = state["epoch"]
         self.order = state["order"].to(self.device, torch.int64)
         self.weights = state["weights"].to(self.device, torch.float32)
-        self.skipped = int(state["skipped"])
         self._pending.zero_()

@@ -423,7 +423,7 @@ class Run:
 
     def train(self, start_epoch: int, start_step: int, state: EpochState, stop: StopFlag) -> None:
         cfg = self.config
-        steps = self.trainer.steps_in(start_epoch) if start_epoch < cfg.train.epochs else 0
+        steps = self.trainer.steps_in(start_epoch)
         has_val = len(self.splits.val_labels) > 0
         self.emit(
             {
