@@ -293,7 +293,7 @@ class TrainConfig(Section):
     sync_bn: bool = Field(default=False, description="SyncBatchNorm under torch.distributed.")
     test_tta: bool = Field(
         default=False,
-        description="Evaluate the final test with test-time augmentation (4 views, as "
+        description="Evaluate the final test with test-time augmentation (6 views, as "
         "`cerberus eval --tta`).",
     )
     test_every_epoch: bool = Field(

@@ -20,6 +20,7 @@ from cerberus.device import Placement
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 from cerberus.evaluate import (
     TTA_VIEWS,
+    TTA_WEIGHTS,
     classification_report,
     confusion_plot,
     evaluate_checkpoint,
@@ -250,18 +251,24 @@ def test_inference_layout_leaves_the_live_model_as_it_is():
     torch.testing.assert_close(logits, by_hand(model, images), rtol=1e-5, atol=1e-5)
 
 
-def test_tta_averages_the_four_documented_views():
+def test_tta_averages_the_six_documented_views_with_their_weights():
     model = tiny_model(1)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     logits = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU, tta=True)
     flipped = images.flip(3)
-    # reflect-pad 2, crop at (0, 0): content moves 2 pixels down and right
-    shift = lambda x: F.pad(x.float(), (2, 2, 2, 2), mode="reflect")[:, :, :32, :32].to(torch.uint8)  # noqa: E731
-    views = [images, flipped, shift(images), shift(flipped)]
-    expected = sum(by_hand(model, v) for v in views) / 4
-    assert len(TTA_VIEWS) == 4
+    padded = [F.pad(x.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8) for x in (images, flipped)]
+    # crop at (2, 2): content moves 1 pixel up and left; at (0, 0): 1 pixel down and right
+    up_left = [p[:, :, 2:, 2:] for p in padded]
+    down_right = [p[:, :, :32, :32] for p in padded]
+    assert torch.equal(up_left[0][:, :, :31, :31], images[:, :, 1:, 1:])
+    assert torch.equal(down_right[0][:, :, 1:, 1:], images[:, :, :31, :31])
+    plain, mirror = by_hand(model, images), by_hand(model, flipped)
+    shifted = sum(by_hand(model, v) for v in up_left + down_right)
+    expected = (plain + mirror) / 4 + shifted / 8
+    assert len(TTA_VIEWS) == len(TTA_WEIGHTS) == 6 and sum(TTA_WEIGHTS) == 1
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    plain = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU)
+    # the weights matter: an equal average of the six views is a different figure
+    assert not torch.allclose(logits, (plain + mirror + shifted) / 6, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain, logits)
 
 
@@ -481,7 +488,7 @@ def test_eval_table_and_out_folder(weights, fake_cifar, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert "accuracy" in result.stdout and "confusion matrix" in result.stdout and "airplane" in result.stdout
-    assert "TTA over 4 views" in result.stdout
+    assert "TTA over 6 views" in result.stdout
     saved = json.loads((out / "eval.json").read_text())
     assert saved["images"] == 30 and saved["tta"] is True
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"

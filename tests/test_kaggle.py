@@ -154,7 +154,7 @@ def test_predict_json_probabilities_and_tta(tmp_path, weights):
     result = runner.invoke(app, [*args, "--tta", "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["images"] == N and report["layout"] == "hwc" and report["views"] == 4
+    assert report["images"] == N and report["layout"] == "hwc" and report["views"] == 6
     assert sum(report["predicted_counts"].values()) == N
     rows = read_csv(probs)
     assert rows[0] == ["ID", *CLASSES]

@@ -564,11 +564,11 @@ def test_test_tta_reports_what_eval_reproduces_by_default(tmp_path, fake_cifar):
         assert done.exit_code == 0, done.output
         return json.loads(done.stdout)
 
-    # as the run tested: with its four views, unless told otherwise
+    # as the run tested: with its six views, unless told otherwise
     as_run, with_tta, plain = evaluate(), evaluate("--tta"), evaluate("--no-tta")
     assert (as_run["tta"], with_tta["tta"], plain["tta"]) == (True, True, False)
     assert as_run["accuracy"] == with_tta["accuracy"] == summary["test_accuracy"]
-    # the 4-view average differs from the single view on these images: the setting took effect
+    # the 6-view average differs from the single view on these images: the setting took effect
     assert as_run["loss"] == pytest.approx(summary["test_loss"])
     assert plain["loss"] != pytest.approx(summary["test_loss"])
 

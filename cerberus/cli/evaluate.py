@@ -24,7 +24,8 @@ Tta = Annotated[
     bool | None,
     typer.Option(
         "--tta/--no-tta",
-        help="Average 4 views: identity, mirror, both shifted 2 pixels. Default: as the checkpoint's "
+        help="Average 6 views: the image and its mirror, each also shifted 1 pixel up-left and 1 "
+        "down-right. Default: as the checkpoint's "
         "run tested (train.test_tta); off for other weights.",
         show_default=False,
     ),
