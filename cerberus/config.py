@@ -8,6 +8,7 @@ data is read or any weight allocated. This module does not import torch.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -270,7 +271,8 @@ class TrainConfig(Section):
         default=0.875,
         gt=0,
         le=1,
-        description="Fraction of the epochs that prune_ratio may prune; later epochs train every image.",
+        description="Data pruning stops at epoch floor(prune_until x epochs); from there every epoch "
+        "trains every image, as does the first.",
     )
     whiten_stem: bool = Field(
         default=False,
@@ -311,6 +313,11 @@ class TrainConfig(Section):
         description="Write last.pt (and a new best.pt) every N epochs, at the last and on a stop.",
     )
 
+    @property
+    def prune_until_epoch(self) -> int:
+        """The first epoch (from 0) that data pruning leaves whole again: floor(prune_until x epochs)."""
+        return math.floor(self.prune_until * self.epochs + 1e-9)  # 0.58 * 50 is 28.999999999999996
+
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> TrainConfig:
         if self.warmup_epochs >= self.epochs:
@@ -329,6 +336,12 @@ class TrainConfig(Section):
             raise ValueError(f"t_max applies to the seed schedule only, not {self.schedule!r}")
         if self.prune_until != type(self).model_fields["prune_until"].default and self.prune_ratio == 0:
             raise ValueError("prune_until applies to data pruning only: set prune_ratio too")
+        if self.prune_ratio > 0 and self.prune_until_epoch < 2:
+            raise ValueError(
+                f"prune_ratio prunes no epoch of {self.epochs}: the first trains every image, and "
+                f"pruning stops at epoch floor(prune_until x epochs) = {self.prune_until_epoch} "
+                "(counting from 0); raise prune_until or epochs"
+            )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.nesterov and self.optimizer == "adamw":

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import random
 import resource
 import signal
@@ -233,9 +232,10 @@ class Run:
         t = self.config.train
         if t.prune_ratio == 0:
             return None
-        until = math.floor(t.prune_until * t.epochs + 1e-9)  # 0.58 * 50 is 28.999999999999996
         n = len(self.splits.train_labels)
-        return DataPruner(n, t.prune_ratio, until, t.batch_size, self.config.seed, self.placement.device)
+        return DataPruner(
+            n, t.prune_ratio, t.prune_until_epoch, t.batch_size, self.config.seed, self.placement.device
+        )
 
     def check_shards(self) -> None:
         """Every rank needs an image of every global batch (the last one may be short)."""

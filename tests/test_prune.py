@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_train import TINY, bare_trainer, write_config
 
-from cerberus.config import load_config
+from cerberus.augment import Augmenter
+from cerberus.config import AugmentConfig, load_config
 from cerberus.data import epoch_permutation
-from cerberus.engine import LRSchedule
+from cerberus.device import Placement
+from cerberus.engine import LRSchedule, Trainer
 from cerberus.errors import ConfigError
 from cerberus.prune import DataPruner
 from cerberus.runner import train_run
@@ -127,6 +130,22 @@ def test_prune_until_without_prune_ratio_is_refused(tmp_path):
         load_config(write_config(tmp_path), ["train.prune_until=0.5"])
 
 
+def test_pruning_ends_at_a_whole_epoch_and_a_config_that_prunes_none_is_refused(tmp_path):
+    def until(*overrides):
+        return load_config(
+            write_config(tmp_path), ["train.prune_ratio=0.5", *overrides]
+        ).train.prune_until_epoch
+
+    assert until("train.epochs=10") == 8  # 8.75 rounds down: epochs 1-7 (from 0) are pruned
+    assert until("train.epochs=50", "train.prune_until=0.58") == 29  # 28.999999999999996 in floats
+    assert until("train.epochs=3") == 2  # epoch 1 alone
+    # epochs = 2: the first trains every image and floor(1.75) = 1 ends pruning before the second
+    with pytest.raises(ConfigError, match=r"prunes no epoch of 2.*raise prune_until or epochs"):
+        until("train.epochs=2")
+    with pytest.raises(ConfigError, match="prunes no epoch of 10"):
+        until("train.epochs=10", "train.prune_until=0.15")
+
+
 def test_a_pruned_run_reports_the_skipped_images_and_the_last_epochs_train_all(tmp_path, fake_cifar):
     cfg = load_config(write_config(tmp_path, TINY), ["train.prune_ratio=0.5", "train.epochs=4"])
     run = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
@@ -138,5 +157,59 @@ def test_a_pruned_run_reports_the_skipped_images_and_the_last_epochs_train_all(t
     assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule still ends at 0
     last = torch.load(run.out_dir / "last.pt", weights_only=True)
     assert last["pruner"]["scores"].shape == (400,) and last["pruner"]["epoch"] == 3
-    assert float(last["pruner"]["scores"].min()) < 1  # every image was scored by its loss
+    assert (last["pruner"]["scores"] != 1).all()  # every image was scored by its loss (from 1)
     assert torch.load(run.out_dir / "best.pt", weights_only=True)["pruner"] is None  # not resumable
+
+
+def test_a_pruned_step_descends_the_weighted_loss_at_the_shorter_epochs_learning_rate():
+    n, batch = 40, 8
+    images = torch.randint(
+        0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    labels = torch.arange(n) % 10
+    # 20 images below the mean score: int(0.5 * 20) = 10, rounded down to a batch -> 8 skipped,
+    # 32 left in 4 steps; the 12 kept below-mean images weigh 20 / 12.
+    p = scored(pruner(n, batch=batch, seed=5), torch.linspace(0, 1, n))
+    p.plan(1)
+    assert p.skipped == 8
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    cfg = load_config(None, ["train.schedule=onecycle", "train.epochs=3", f"train.batch_size={batch}"]).train
+    schedule = LRSchedule(cfg, n // batch)
+    augmenter = Augmenter(AugmentConfig(crop_padding=0, flip=False), (0.5,) * 3, (0.25,) * 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        augmenter=augmenter,
+        placement=Placement(CPU, "fp32", False),
+        cfg=cfg,
+        seed=5,
+        images=images,
+        labels=labels,
+        pruner=p,
+    )
+    step = 1
+    idx = trainer.batch_indices(1, step)
+    weights = p.weights[idx]
+    assert weights.min() == 1 and weights.max() == pytest.approx(20 / 12)  # both kinds in the batch
+
+    # by hand: the gradient of the weighted mean loss of this batch, and the 4-step epoch's lr
+    x, targets = augmenter(images[idx], labels[idx], torch.Generator())  # no randomness to draw
+    before = [w.detach().clone() for w in model.parameters()]
+    losses = F.cross_entropy(model(x), targets, reduction="none")
+    grads = torch.autograd.grad((losses * weights).mean(), list(model.parameters()), retain_graph=True)
+    plain = torch.autograd.grad(losses.mean(), list(model.parameters()))
+    lr = schedule.lr_at(1, step, 4)
+    assert trainer.steps_in(1) == 4 and lr != pytest.approx(schedule.lr_at(1, step, n // batch))
+
+    _, _, trained, used = trainer.train_step(1, step)
+    assert (
+        trained == batch
+        and used == pytest.approx(lr)
+        and optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    )
+    for after, old, grad, unweighted in zip(model.parameters(), before, grads, plain, strict=True):
+        torch.testing.assert_close(after.detach(), old - lr * grad, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(after.detach(), old - lr * unweighted, rtol=1e-5, atol=1e-7)

@@ -24,9 +24,9 @@ Tta = Annotated[
     bool | None,
     typer.Option(
         "--tta/--no-tta",
-        help="Average 6 views: the image and its mirror, each also shifted 1 pixel up-left and 1 "
-        "down-right. Default: as the checkpoint's "
-        "run tested (train.test_tta); off for other weights.",
+        help="Weighted average of 6 views: the image and its mirror (1/4 each), both also shifted 1 "
+        "pixel up-left and 1 down-right (1/8 each). Default: as the checkpoint's run tested "
+        "(train.test_tta); off for other weights.",
         show_default=False,
     ),
 ]
