@@ -174,7 +174,8 @@ def alternating_flips(seed: int, num_images: int, device: torch.device) -> torch
     the other images, so every image is seen both ways in every two epochs (airbench's
     alternating flip). Epoch ``e`` mirrors ``flips[idx] ^ (e % 2 == 1)``.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)  # apart from batch orders
+    # Apart from batch orders; modulo 2**64, as the generator takes a negative seed, so any int works.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + 17) % 2**64)
     return (torch.rand(num_images, generator=generator) < 0.5).to(device)
 
 

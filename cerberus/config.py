@@ -381,7 +381,12 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="cerberus", min_length=1, description="Run name (run folder prefix).")
-    seed: int = Field(default=0, description="Seed of initialisation, shuffling and augmentation.")
+    seed: int = Field(
+        default=0,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="Seed of initialisation, shuffling and augmentation (a 64-bit signed integer).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

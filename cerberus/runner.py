@@ -110,18 +110,27 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
 # The run
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators' states: the host's and, on a GPU, the training device's only (the
+    GPUs a resumed run sees may be fewer, and a CPU run does not start CUDA to read them)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, list):  # earlier checkpoints kept every visible GPU's state
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _peak_rss_mb() -> float:
@@ -267,7 +276,7 @@ class Run:
                 self.ema.load_state_dict(ckpt["ema"])
             if self.trainer.scaler is not None and ckpt.get("scaler") is not None:
                 self.trainer.scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"])
+            _set_rng_state(ckpt["rng"], self.placement.device)
             if self.trainer.pruner is not None:
                 if ckpt.get("pruner") is None:
                     raise ValueError("it holds no data-pruning scores (train.prune_ratio was 0)")
@@ -328,7 +337,7 @@ class Run:
             # train.prune_ratio: every image's latest loss and the epoch's plan (the batch order
             # depends on them as well as on the seed)
             "pruner": self.trainer.pruner.state_dict() if self.trainer.pruner is not None else None,
-            "rng": _rng_state(),
+            "rng": _rng_state(self.placement.device),
             "role": "last",
             "weights": "model",
             "threads": torch.get_num_threads(),  # CPU kernels' results depend on it
@@ -751,6 +760,8 @@ def train_run(
                 if dist.is_main:
                     _make_out_dir(out_dir)
                     lock.enter_context(run_lock(out_dir))
+                    # Again under the lock: a run may have finished there while the data loaded.
+                    _check_out_dir(out_dir, resuming=ckpt is not None)
                     remove_stale_temporaries(out_dir)
                     atomic_write(out_dir / "config.toml", config.to_toml())
             run.setup()

@@ -120,6 +120,15 @@ def test_alternating_flips_are_a_seeded_half() -> None:
     assert not torch.equal(flips, aug.alternating_flips(4, 10_000, torch.device("cpu")))
 
 
+def test_alternating_flips_take_any_64_bit_seed() -> None:
+    cpu = torch.device("cpu")
+    for seed in (2**63 - 1, -(2**63)):  # seed * 1_000_003 would overflow the generator's seed
+        assert aug.alternating_flips(seed, 1000, cpu).shape == (1000,)
+    # Reduced modulo 2**64, which is how the generator reads a negative seed: the same draws as before.
+    before = torch.rand(1000, generator=torch.Generator().manual_seed(-3 * 1_000_003 + 17)) < 0.5
+    assert torch.equal(aug.alternating_flips(-3, 1000, cpu), before)
+
+
 def test_crop_size_takes_a_smaller_window_of_the_padded_image() -> None:
     images = random_images(32, low=1)
     cfg = AugmentConfig(crop_padding=2, crop_mode="reflect", flip=False)

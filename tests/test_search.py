@@ -367,6 +367,8 @@ def test_cli_table() -> None:
         (["--max-params", "0"], "--max-params: must be positive, got 0"),
         (["--min-params", "-1"], "--min-params: must be 0 or more, got -1"),
         (["--top", "-1"], "--top: must be 0 or more"),
+        (["--trials", "1", "--seed", "-1"], "--seed: must be in 0..4294967295 (Optuna's sampler), got -1"),
+        (["--trials", "1", "--seed", str(2**32)], "--seed: must be in 0..4294967295"),
         (["missing.toml"], "missing.toml: no such config file"),
         (["--trials", "1", "--sort", "macs"], "--sort only applies to enumeration: drop --trials"),
         (["--config", "missing.toml"], "missing.toml: no such config file"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from cerberus.data import load_cifar10, make_splits
 from cerberus.engine import EMA, LRSchedule, whitening_filters
 from cerberus.errors import ConfigError, DivergenceError, Interrupted
 from cerberus.model import build_model
-from cerberus.runner import train_run
+from cerberus.runner import Run, _rng_state, _set_rng_state, train_run
 
 TINY = """
 name = "tiny"
@@ -245,6 +246,49 @@ def test_a_finished_runs_results_are_never_overwritten(tmp_path, fake_cifar):
     with pytest.raises(ConfigError, match=r"holds a run's results \(best.pt, summary.json, metrics.jsonl\)"):
         train_run(cfg, out_dir=out, data_dir=str(fake_cifar))
     assert (out / "best.pt").read_bytes() == best
+
+
+def test_a_run_finishing_in_the_folder_while_the_data_loads_is_not_overwritten(
+    tmp_path, fake_cifar, monkeypatch
+):
+    out = tmp_path / "run"
+    load_data = Run.load_data
+
+    def another_run_finishes_meanwhile(self) -> None:
+        load_data(self)
+        out.mkdir(exist_ok=True)
+        (out / "last.pt").write_bytes(b"another run's")
+
+    monkeypatch.setattr(Run, "load_data", another_run_finishes_meanwhile)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_run(tiny_config(tmp_path, "train.epochs=1"), out_dir=out, data_dir=str(fake_cifar))
+    assert (out / "last.pt").read_bytes() == b"another run's"
+    assert not (out / "config.toml").exists()
+
+
+def test_the_seed_is_a_64_bit_signed_integer_and_its_extremes_train(tmp_path, fake_cifar):
+    with pytest.raises(ConfigError, match="seed"):
+        tiny_config(tmp_path, f"seed={2**63}")
+    with pytest.raises(ConfigError, match="seed"):
+        tiny_config(tmp_path, f"seed={-(2**63) - 1}")
+    for seed in (2**63 - 1, -(2**63)):  # alternating flips derive their own seed from it
+        cfg = tiny_config(tmp_path, f"seed={seed}", 'augment.flip_mode="alternate"', "train.epochs=1")
+        result = train_run(cfg, out_dir=tmp_path / str(seed), data_dir=str(fake_cifar), evaluate_test=False)
+        assert result.epochs_completed == 1
+
+
+def test_rng_state_is_the_training_gpus_alone(monkeypatch):
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_calls.append((state, device)))
+    host = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    # Earlier checkpoints kept every visible GPU's state: a resume that sees fewer GPUs takes its own.
+    _set_rng_state({**host, "cuda": ["gpu0", "gpu1"]}, torch.device("cuda"))
+    assert set_calls == [("gpu0", torch.device("cuda"))]
+    set_calls.clear()
+    _set_rng_state({**host, "cuda": ["gpu0"]}, torch.device("cuda", 1))  # none kept for GPU 1
+    _set_rng_state({**host, "cuda": "gpu0"}, torch.device("cpu"))  # a CPU run leaves CUDA alone
+    assert set_calls == []
+    assert _rng_state(torch.device("cpu")).keys() == {"torch", "python"}
 
 
 def test_the_recorded_data_root_is_absolute_so_resume_works_elsewhere(tmp_path, fake_cifar, monkeypatch):

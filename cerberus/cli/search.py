@@ -300,7 +300,9 @@ def search_command(
     pruner: Annotated[
         PrunerChoice, typer.Option(help="Stops poor trials early, on validation accuracy per epoch.")
     ] = PrunerChoice.hyperband,
-    seed: Annotated[int | None, typer.Option(help="Sampler seed (reproducible single process).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Sampler seed, 0 to 2**32 - 1 (reproducible single process).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Search ResNet designs under the parameter budget: list them, or train trials.
@@ -335,6 +337,8 @@ def search_command(
         raise fail(f"--max-params: must be positive, got {max_params}", 2)
     if min_params is not None and min_params < 0:
         raise fail(f"--min-params: must be 0 or more, got {min_params}", 2)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise fail(f"--seed: must be in 0..{2**32 - 1} (Optuna's sampler), got {seed}", 2)
     space = load_space(space_file)
     if max_params is not None or min_params is not None:
         space = space.with_budget(max_params, min_params)
