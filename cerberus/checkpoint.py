@@ -57,6 +57,17 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def unverified_note(path: Path) -> str | None:
+    """What to tell a user loading ``path`` without its sidecar (nothing to check it against)."""
+    path = Path(path)
+    if sidecar_path(path).exists():
+        return None
+    return (
+        f"{path.name} has no {sidecar_path(path).name} beside it, so its checksum was not verified; "
+        "copy the sidecar along with the checkpoint"
+    )
+
+
 def pending_sidecar_path(path: Path) -> Path:
     """``last.pt`` -> ``.last.pt.sha256.tmp``: the checksum of a save in progress."""
     return path.with_name(f".{path.name}.sha256.tmp")
@@ -305,6 +316,11 @@ def load_checkpoint(
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path} is truncated or corrupt (its zip directory is missing)")
+        with zipfile.ZipFile(path) as archive:  # torch.save writes <name>/data.pkl and tensors
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                raise CheckpointError(
+                    f"{path} is a zip archive, not a PyTorch checkpoint (no data.pkl in it)"
+                )
     elif not head.startswith(_LEGACY_MAGIC):
         raise _not_a_checkpoint(path, head)  # torch.load is not even tried: nothing is unpickled
     try:

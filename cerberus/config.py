@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cerberus.arch import (
     DEFAULT_BUDGET,
@@ -380,7 +388,9 @@ class ExperimentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="cerberus", min_length=1, description="Run name (run folder prefix).")
+    name: str = Field(
+        default="cerberus", min_length=1, description="Run name (run folder prefix; no '/' or '\\')."
+    )
     seed: int = Field(
         default=0,
         ge=-(2**63),
@@ -391,6 +401,13 @@ class ExperimentConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if "/" in name or "\\" in name:
+            raise ValueError(f"{name!r} holds a path separator; the run folder is named after it")
+        return name
 
     @model_validator(mode="after")
     def _check_sections(self, info: ValidationInfo) -> ExperimentConfig:
@@ -421,6 +438,15 @@ class ExperimentConfig(BaseModel):
 # Loading
 
 
+def _set_origin(loc: str, unknown: bool, set_by: dict[str, str]) -> str | None:
+    """The ``--set`` text behind an error at ``loc``: one whose key is at or above it or, for an
+    unknown key (``nope`` of ``nope.x=1``), below it."""
+    for key, text in set_by.items():
+        if f"{loc}.".startswith(f"{key}.") or (unknown and f"{key}.".startswith(f"{loc}.")):
+            return text
+    return None
+
+
 def format_validation_error(err: ValidationError, set_by: dict[str, str] | None = None) -> str:
     """One ``loc: msg`` line per error.
 
@@ -435,7 +461,7 @@ def format_validation_error(err: ValidationError, set_by: dict[str, str] | None 
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
         line = f"{loc}: {msg}" if loc else msg
-        origin = next((text for key, text in (set_by or {}).items() if f"{loc}.".startswith(f"{key}.")), None)
+        origin = _set_origin(loc, item["type"] == "extra_forbidden", set_by or {})
         lines.append(f"{line} (from --set {origin})" if origin else line)
     return "\n".join(lines)
 

@@ -38,8 +38,8 @@ from cerberus.checkpoint import (
     first_non_finite,
     infer_architecture,
     load_checkpoint,
-    sidecar_path,
     state_dict_from,
+    unverified_note,
 )
 from cerberus.config import DEVICES, PRECISIONS
 from cerberus.device import Placement
@@ -324,14 +324,16 @@ def load_model(
             epoch=obj.get("epoch"),
             cerberus_version=obj.get("cerberus_version"),
         )
-        if not sidecar_path(path).exists():  # copied alone: nothing to check it against
-            info["notes"].append(
-                f"{path.name} has no {sidecar_path(path).name} beside it, so its checksum was not "
-                "verified; copy the sidecar along with the checkpoint"
-            )
+        note = unverified_note(path)  # copied alone: nothing to check it against
+        if note is not None:
+            info["notes"].append(note)
     else:
-        state = state_dict_from(obj)
-        arch = infer_architecture(state, **overrides)
+        try:
+            state = state_dict_from(obj)
+            arch = infer_architecture(state, **overrides)
+        except CheckpointError as err:  # what the weights lack or hold, and in which file
+            message = str(err)
+            raise CheckpointError(message if str(path) in message else f"{path}: {message}") from None
         info.update(source="state_dict", weights="model", config=None)
         if "downsample" not in overrides and arch.downsample == "stride" and _fits_pooling(state, overrides):
             info["notes"].append(
@@ -404,6 +406,7 @@ def eval_placement(config: ExperimentConfig | None, device: str | None, precisio
 class Inference:
     """A loaded model and the settings to run it with: what evaluation and prediction share."""
 
+    path: Path  # the weights file
     model: nn.Module
     info: dict[str, Any]  # from load_model
     config: ExperimentConfig | None  # the run's config, for Cerberus checkpoints
@@ -413,7 +416,8 @@ class Inference:
     std: Sequence[float]
 
     def logits(self, images: torch.Tensor, *, tta: bool = False, progress: Progress | None = None):
-        return predict_logits(
+        """:func:`predict_logits`; refused (:class:`CheckpointError`) where any is not finite."""
+        logits = predict_logits(
             self.model,
             images,
             mean=self.mean,
@@ -423,6 +427,13 @@ class Inference:
             tta=tta,
             progress=progress,
         )
+        bad = int((~torch.isfinite(logits).all(1)).sum())
+        if bad:  # finite weights can still overflow: a diverged run's, say
+            raise CheckpointError(
+                f"{self.path}: the model's outputs are not finite for {bad} of {len(logits)} images "
+                f"(in {self.placement.precision}): its weights are unusable, so nothing was written"
+            )
+        return logits
 
 
 def prepare_inference(
@@ -447,7 +458,7 @@ def prepare_inference(
     placement = eval_placement(config, device, precision)  # a device this machine lacks: say so now
     if batch_size is None:
         batch_size = config.train.eval_batch_size if config is not None else 1000
-    return Inference(model, info, config, placement, batch_size, data_cfg.mean, data_cfg.std)
+    return Inference(Path(path), model, info, config, placement, batch_size, data_cfg.mean, data_cfg.std)
 
 
 def run_tta(run: Inference) -> bool:
@@ -606,9 +617,8 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     The folder is created if needed; each file is replaced atomically. Returns the two paths;
     a failure is one :class:`CerberusError` naming the folder or file.
     """
-    import json
 
-    from cerberus.files import atomic_write
+    from cerberus.files import atomic_write, to_json
 
     out_dir = Path(out_dir)
     try:
@@ -619,5 +629,5 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     plot = confusion_plot(result["confusion_matrix"], classes, out_dir / "confusion.png")
     report = out_dir / "eval.json"
     files = [plot, report]
-    atomic_write(report, json.dumps({**result, "files": [str(f) for f in files]}, indent=2) + "\n")
+    atomic_write(report, to_json({**result, "files": [str(f) for f in files]}, indent=2) + "\n")
     return files

@@ -1,14 +1,33 @@
-"""Small file-system guarantees: atomic writes and an exclusive lock on a run directory."""
+"""Small file-system guarantees: atomic writes, an exclusive lock on a run directory, strict JSON."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cerberus.errors import CerberusError, RunLockedError
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def to_json(data: Any, indent: int | None = None) -> str:
+    """``data`` as standard JSON: a non-finite float (a diverged loss, say) becomes ``null``, where
+    ``json.dumps`` would write ``NaN``, which strict parsers (JavaScript's, jq's) reject."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False)
 
 
 def fsync_dir(folder: Path) -> None:

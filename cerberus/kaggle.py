@@ -163,12 +163,26 @@ def _read_unlabeled(path: Path, layout: str | None) -> tuple[list, torch.Tensor,
 # Output files
 
 
+def _is_binary(path: Path) -> bool:
+    """Whether ``path`` starts with a NUL byte within 8 KiB, as no CSV does (a checkpoint does)."""
+    try:
+        with open(path, "rb") as file:
+            return b"\0" in file.read(8192)
+    except OSError:  # unreadable: writing it will say why
+        return False
+
+
 def _check_output(path: Path) -> None:
-    """Refuse an output path whose folder is missing or read-only, before any work is done."""
+    """Refuse an output path whose folder is missing or read-only, or that would overwrite a file
+    that is not a CSV (a checkpoint, say), before any work is done."""
     path = Path(path)
     folder = path.parent
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give a file name for the CSV")
+    if path.is_file() and _is_binary(path):
+        raise ConfigError(f"{path} holds binary data (a checkpoint?), not a CSV; give another file name")
+    if folder.exists() and not folder.is_dir():
+        raise CerberusError(f"cannot write {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise CerberusError(f"cannot write {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -2,7 +2,8 @@
 
 ``train_run`` composes the parts (config -> data + model -> engine -> checkpoints/report) and
 reports progress only through ``on_event``; it never prints. Events are dicts with an
-``"event"`` key: ``start``, ``step``, ``epoch``, ``test``, ``done``, ``interrupted``.
+``"event"`` key: ``start``, ``step``, ``epoch``, ``test``, ``done``, ``interrupted``, and
+``note`` (``message``: something the user should know, e.g. an unverified checkpoint).
 
 Run directory (``out_dir``): ``config.toml`` (resolved), ``metrics.jsonl`` (a line per epoch),
 ``last.pt`` and ``best.pt`` (+ ``.sha256`` sidecars), ``curves.png``, ``summary.json``.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
+import math
 import random
 import resource
 import signal
@@ -40,6 +41,7 @@ from cerberus.checkpoint import (
     check_weights_fit,
     load_checkpoint,
     remove_stale_temporaries,
+    unverified_note,
 )
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
@@ -49,7 +51,7 @@ from cerberus.distributed import DistContext
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DivergenceError, Interrupted
 from cerberus.evaluate import classification_report, predict_logits
-from cerberus.files import atomic_write, run_lock
+from cerberus.files import atomic_write, run_lock, to_json
 from cerberus.model import build_model
 from cerberus.prune import DataPruner
 
@@ -131,6 +133,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
             return
         cuda = cuda[index]
     torch.cuda.set_rng_state(cuda, device)
+
+
+# The losses an epoch's line may hold from evaluations, and what to call them in a message.
+_EVALUATED_LOSSES = {
+    "val_loss": "validation loss",
+    "ema_val_loss": "EMA weights' validation loss",
+    "curve_test_loss": "test loss of train.test_every_epoch",
+}
 
 
 def _peak_rss_mb() -> float:
@@ -392,7 +402,7 @@ class Run:
         with self.dist.agreement():
             if not self.dist.is_main:
                 return
-            lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
+            lines = "".join(to_json(m) + "\n" for m in self.metrics)
             atomic_write(self.out_dir / "metrics.jsonl", lines)
             self.plot(force=plot)
 
@@ -493,6 +503,7 @@ class Run:
             # Rank 0 evaluates (its weights and BatchNorm statistics are what it saves) and every
             # rank takes its line, so all of them select the same best epoch.
             line = self.dist.from_main(self.epoch_line, epoch, state, has_val)
+            self.check_finite_evaluations(line, epoch)
             self.metrics.append(line)
             improved = self.best_val is None or not has_val or line["selection_accuracy"] > self.best_val
             if improved:
@@ -528,6 +539,16 @@ class Run:
                 with self.dist.agreement():
                     self.plot()
                 self.interrupted(stop, epoch + 1, 0)
+
+    def check_finite_evaluations(self, line: dict[str, Any], epoch: int) -> None:
+        """Finite weights can still give non-finite outputs (BatchNorm statistics that overflow in
+        evaluation, say): such an epoch is divergence, and neither best.pt nor last.pt takes it."""
+        for key, name in _EVALUATED_LOSSES.items():
+            if key in line and not math.isfinite(line[key]):
+                raise DivergenceError(
+                    f"the {name} became non-finite at the end of epoch {epoch + 1}: lower train.lr, "
+                    f"add train.warmup_epochs or train.grad_clip; {self.checkpoint_state()}"
+                )
 
     def selected_weights(self) -> dict[str, torch.Tensor]:
         """The weights that model selection compares: the EMA when on, else the model."""
@@ -629,7 +650,12 @@ class Run:
             torch_version=str(torch.__version__),
         )
         if self.dist.is_main:
-            atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write(self.out_dir / "summary.json", to_json(summary, indent=2) + "\n")
+        if summary["test_loss"] is not None and not math.isfinite(summary["test_loss"]):
+            raise DivergenceError(
+                "the test loss of best.pt is non-finite: its weights give non-finite outputs, so "
+                "training diverged; lower train.lr, add train.warmup_epochs or train.grad_clip"
+            )
         self.emit({"event": "done", "summary": summary})
         return summary
 
@@ -704,6 +730,9 @@ def train_run(
         with torch.device("meta"):
             expected = build_model(config.model.architecture()).state_dict()
         check_weights_fit(expected, ckpt["model"], resume)
+        note = unverified_note(resume)
+        if note is not None and on_event is not None:
+            on_event({"event": "note", "message": note})
         if ckpt.get("ema") is not None:
             check_weights_fit(expected, ckpt["ema"], resume)
         out_dir = resume.parent

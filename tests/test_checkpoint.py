@@ -139,6 +139,16 @@ def test_text_file_is_not_a_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_zip_archive_is_not_a_checkpoint(tmp_path):
+    import zipfile
+
+    path = tmp_path / "bundle.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weights/readme.txt", "not a torch.save archive")
+    with pytest.raises(CheckpointError, match=r"bundle\.pt is a zip archive, not a PyTorch checkpoint"):
+        load_checkpoint(path)
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -110,6 +110,12 @@ SPECIAL = {
         overrides=["model.blok=3"],
         count_params_refuses=False,
     ),
+    "set_unknown_section": Special(  # the error is at `nope`, above the key --set gave
+        _write("base.toml", VALID_BASE),
+        "nope: unknown key (from --set nope.x=1)",
+        overrides=["nope.x=1"],
+        count_params_refuses=False,
+    ),
     "set_wrong_type": Special(  # the file is sound: the message must point at --set
         _write("base.toml", VALID_BASE),
         "train.epochs: Input should be a valid integer (from --set train.epochs=abc)",

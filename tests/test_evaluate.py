@@ -384,6 +384,23 @@ def test_unusable_weights_are_refused_with_the_reason(tmp_path, fake_cifar):
         evaluate_checkpoint(tmp_path / "7.pt", data_dir=fake_cifar)
 
 
+def test_weights_whose_outputs_overflow_are_refused(tmp_path, fake_cifar):
+    state = tiny_model().state_dict()
+    # Finite weights that overflow on every image: the last block's output is 1e30 everywhere.
+    state["layer2.0.bn2.weight"].zero_()
+    state["layer2.0.bn2.bias"].fill_(1e30)
+    state["linear.weight"][0] = 1e10
+    torch.save(state, tmp_path / "huge.pt")
+    message = r"huge\.pt: the model's outputs are not finite for 200 of 200 "
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_checkpoint(tmp_path / "huge.pt", data_dir=fake_cifar)
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "huge.pt"), "--data-dir", str(fake_cifar), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 1 and "not finite for 200 of 200 images (in fp32)" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluation_of_a_cerberus_checkpoint_uses_its_config(tmp_path, fake_cifar, test_set):
     path = cerberus_checkpoint(tmp_path / "best.pt", test_subset=50, eval_batch_size=16)
     result = evaluate_checkpoint(path, data_dir=fake_cifar)

@@ -228,6 +228,49 @@ def test_a_missing_output_folder_is_refused_before_inference(tmp_path, weights):
     assert not (tmp_path / "sub.csv").exists()
 
 
+def test_weights_whose_outputs_overflow_write_no_submission(tmp_path):
+    torch.manual_seed(0)
+    state = build_model(Architecture(blocks=(1, 1), channels=(8, 16))).state_dict()
+    # Finite weights that overflow on every image: the last block's output is 1e30 everywhere.
+    state["layer2.0.bn2.weight"].zero_()
+    state["layer2.0.bn2.bias"].fill_(1e30)
+    state["linear.weight"][0] = 1e10
+    torch.save(state, tmp_path / "huge.pt")
+    source = layout_2024(tmp_path / "t.pkl")
+    message = rf"huge\.pt: the model's outputs are not finite for {N} of {N} "
+    with pytest.raises(CheckpointError, match=message):
+        predict_unlabeled(tmp_path / "huge.pt", source, tmp_path / "sub.csv", probs_path=tmp_path / "p.csv")
+    assert not (tmp_path / "sub.csv").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_predict_never_overwrites_a_binary_file(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(weights.read_bytes())
+    for flag in ("--output", "--probs"):
+        outputs = {"--output": tmp_path / "sub.csv", "--probs": tmp_path / "p.csv", flag: checkpoint}
+        args = [str(weights), "--input", str(source), *(x for kv in outputs.items() for x in map(str, kv))]
+        result = runner.invoke(app, ["predict", *args])
+        assert result.exit_code == 2
+        assert (
+            result.stderr
+            == f"Error: {checkpoint} holds binary data (a checkpoint?), not a CSV; give another file name\n"
+        )
+        assert checkpoint.read_bytes() == weights.read_bytes()
+    (tmp_path / "sub.csv").write_text("id,label\n")  # an earlier submission is replaced
+    result = runner.invoke(
+        app, ["predict", str(weights), "--input", str(source), "--output", str(tmp_path / "sub.csv")]
+    )
+    assert result.exit_code == 0 and len(read_csv(tmp_path / "sub.csv")) == N + 1
+
+
+def test_an_output_under_a_file_says_so(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CerberusError, match=r"afile/x\.csv: .*afile is a file, not a folder"):
+        predict_unlabeled(weights, source, tmp_path / "afile" / "x.csv")
+
+
 def test_predict_flag_errors(tmp_path, weights):
     source = layout_2024(tmp_path / "t.pkl")
     result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", "o.csv",

@@ -19,13 +19,15 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_cifar
-from reliability_helpers import Launcher, Training, wait_until
+from reliability_helpers import TIMEOUT, Launcher, Training, cli_env, wait_until
 from typer.testing import CliRunner
 
 from cerberus.checkpoint import load_checkpoint, sidecar_path
@@ -561,6 +563,37 @@ def test_resuming_a_finished_run_restores_lost_metrics(tmp_path, reference):
     assert result.epochs_completed == EPOCHS
     assert (run / "metrics.jsonl").read_text() == "".join(lines)
     assert_matches_reference(run, reference)
+
+
+def test_resuming_without_the_sidecar_says_the_checksum_was_not_verified(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "last.pt.sha256").unlink()
+    result = invoke("train", "--resume", run / "last.pt")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(
+        "Note: last.pt has no last.pt.sha256 beside it, so its checksum was not verified; "
+    )
+
+
+def test_a_reader_closing_stdout_does_not_stop_training(tmp_path, fake_cifar, config_file):
+    """``cerberus train ... | head -1``: the output goes, the run finishes and writes its files."""
+    args = train_args(config_file, fake_cifar, tmp_path / "run")
+    command = [sys.executable, "-m", "cerberus", "train", *args, "--json"]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), **pipes)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "start"
+        proc.stdout.close()  # as `head -1` does: the next event's write finds no reader
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=TIMEOUT) == 0, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert stderr == ""
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == EPOCHS
 
 
 def test_checkpoint_every_writes_last_pt_within_epochs(tmp_path, fake_cifar, config_file):

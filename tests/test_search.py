@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cerberus.arch import Architecture, count_macs, count_params
 from cerberus.cli import app
 from cerberus.config import load_config
-from cerberus.errors import ConfigError
+from cerberus.errors import BudgetError, ConfigError
 from cerberus.search import (
     SearchSpace,
     count_designs,
@@ -30,6 +30,7 @@ from cerberus.search import (
     write_candidate_configs,
 )
 from cerberus.search import enumeration as search
+from cerberus.search import trials as trials_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -440,8 +441,11 @@ def trials(tmp_path, trainer, n=3, space=TINY_SPACE, **kwargs):
 def test_a_base_asking_for_channels_last_rejects_designs_the_cpu_cannot_train_in_it(tmp_path) -> None:
     trainer = FakeTrainer()
     overrides = ["train.epochs=3", "train.device=cpu", "train.channels_last=true"]
-    result, _ = trials(tmp_path, trainer, n=2, overrides=overrides)  # widths 4 or 8 by 1x1 shortcuts
+    narrow = {**TINY_SPACE, "blocks": [1, 1]}  # two designs, widths 4 or 8 read by 1x1 shortcuts
+    result, _ = trials(tmp_path, trainer, n=3, space=narrow, overrides=overrides)
     assert trainer.configs == [] and [r.state for r in result.leaderboard] == ["rejected"] * 2
+    assert (result.trials_run, result.trials_trained) == (2, 0)  # each design is rejected once
+    assert result.stopped == "the study holds every design within the budget (2)"
     wide = {**TINY_SPACE, "base_width": [16], "max_params": 200_000}
     result, _ = trials(tmp_path / "wide", trainer, n=1, space=wide, overrides=overrides)
     assert [r.state for r in result.leaderboard] == ["complete"] and len(trainer.configs) == 1
@@ -541,9 +545,10 @@ def test_trials_draw_stem_kernels_only_where_they_fit(tmp_path) -> None:
     assert space_from_dict(space).stem_kernels("stride") == [3, 2]
     trainer = FakeTrainer()
     result, _ = trials(tmp_path, trainer, n=12, space=space, pruner="none")
-    assert [r.state for r in result.leaderboard] == ["complete"] * 12
-    drawn = {(c.model.downsample, c.model.stem_kernel) for c in trainer.configs}
-    assert drawn == {("stride", 3), ("stride", 2), ("pool", 3)}
+    assert [r.state for r in result.leaderboard] == ["complete"] * 3  # three designs: each once
+    drawn = [(c.model.downsample, c.model.stem_kernel) for c in trainer.configs]
+    assert sorted(drawn) == [("pool", 3), ("stride", 2), ("stride", 3)]
+    assert result.stopped == "the study holds every design within the budget (3)"
     for config in trainer.configs:
         arch = config.model.architecture()
         assert arch.final_side % arch.pool == 0
@@ -567,20 +572,84 @@ def test_a_study_from_before_a_space_key_existed_resumes(tmp_path) -> None:
         trials(tmp_path, FakeTrainer(), n=1, space={**TINY_SPACE, "stem_kernel": [2]})
 
 
-def test_designs_over_the_budget_never_train(tmp_path) -> None:
-    # base width 32 cannot fit 20,000 parameters even with one block per stage: rejected cheaply;
-    # width 4 fits, and its block ranges are narrowed so that every trained design fits.
+def test_designs_over_the_budget_are_never_drawn(tmp_path) -> None:
+    # base width 32 cannot fit 20,000 parameters even with one block per stage: never drawn;
+    # width 4 fits, and its block ranges are narrowed so that every drawn design fits.
     space = {**TINY_SPACE, "base_width": [4, 32], "blocks": [1, 16]}
     trainer = FakeTrainer()
     result, _ = trials(tmp_path, trainer, n=8, space=space, pruner="none")
-    states = {r.state for r in result.leaderboard}
-    assert states == {"complete", "rejected"}
-    for r in result.leaderboard:
-        assert (r.params <= 20_000) == (r.state == "complete")
-        if r.state == "rejected":
-            assert r.epochs == 0 and r.note.startswith("over budget")
-    assert len(trainer.configs) == sum(r.state == "complete" for r in result.leaderboard)
-    assert all(count_params(c.model.architecture()) <= 20_000 for c in trainer.configs)
+    assert [r.state for r in result.leaderboard] == ["complete"] * 8
+    assert (result.trials_run, result.trials_trained, result.stopped) == (8, 8, "")
+    archs = [c.model.architecture() for c in trainer.configs]
+    assert len(set(archs)) == 8 and {a.widths for a in archs} == {(4, 8)}
+    assert all(count_params(a) <= 20_000 for a in archs)
+    storage = f"sqlite:///{tmp_path / 'search' / 'study.db'}"
+    (distribution,) = {
+        t.distributions["family"] for t in optuna.load_study(study_name="default", storage=storage).trials
+    }
+    assert distribution.choices == ("C[4,8] F3 K1 P16 stem4",)
+
+
+def test_a_space_with_no_design_within_the_budget_is_refused(tmp_path) -> None:
+    trainer = FakeTrainer()
+    with pytest.raises(BudgetError, match=r"no design of the search space fits the 1,000-parameter budget"):
+        trials(tmp_path, trainer, n=1, space={**TINY_SPACE, "max_params": 1_000})
+    assert trainer.configs == [] and not (tmp_path / "search").exists()
+    result = invoke("--max-params", "1000", "--trials", "1", "--out", str(tmp_path / "cli"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "Error: no design of the search space fits the 1,000-parameter budget (the smallest has "
+        "78,042); raise the budget or search smaller designs\n"
+    )
+    assert not (tmp_path / "cli").exists()
+
+
+def test_trials_train_each_design_within_the_budget_once(tmp_path, monkeypatch) -> None:
+    # the default space holds 6 designs within 100,000 parameters: 8 trials train those 6 once
+    # each and say why they stopped; another run has nothing left to train and says so
+    import cerberus.runner
+
+    trainer = FakeTrainer()
+    monkeypatch.setattr(cerberus.runner, "train_run", trainer)
+    args = ["--max-params", "100000", "--out", str(tmp_path / "s"), "--set", "train.epochs=1", "--seed", "0"]
+    result = invoke("--trials", "8", "--json", *args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["state"] for r in data["leaderboard"]] == ["complete"] * 6
+    assert (data["trials_run"], data["trials_trained"]) == (6, 6)
+    assert data["stopped"] == "the study holds every design within the budget (6)"
+    assert "Trained 6 of 8 trials: the study holds every design within the budget (6)." in result.stderr
+    listed = json.loads(invoke("--max-params", "100000", "--json").stdout)["candidates"]
+    archs = [c.model.architecture() for c in trainer.configs]
+    assert sorted(a.blocks for a in archs) == sorted(tuple(c["blocks"]) for c in listed)
+    again = invoke("--trials", "1", *args)
+    assert again.exit_code == 1, again.output
+    assert "Error: no trial trained: the study holds every design within the budget (6)" in again.stderr
+    assert "Leaderboard of study 'default' (6 trials)" in again.stdout and len(trainer.configs) == 6
+
+
+def test_a_drawn_design_the_study_holds_gives_way_to_the_nearest_untried_one() -> None:
+    fam = search._family((4, 8), 3, 1, 16, 4)
+    ranges = [(1, 3), (1, 3)]
+    tried = {fam.architecture(b): 0 for b in [(2, 2), (1, 2)]}
+    assert trials_module._nearest_untried(fam, ranges, (2, 2), tried, 20_000) == (3, 2)
+    assert trials_module._nearest_untried(fam, ranges, (2, 2), tried, fam.params((2, 2))) == (2, 1)
+    assert trials_module._nearest_untried(fam, ranges, (1, 1), tried, 20_000) == (1, 1)
+    every = {fam.architecture((a, b)): 0 for a in (1, 2, 3) for b in (1, 2, 3)}
+    assert trials_module._nearest_untried(fam, ranges, (2, 2), every, 20_000) is None
+
+
+def test_duplicate_draws_are_not_trained_again(tmp_path, caplog) -> None:
+    # 9 designs, 9 trials: the sampler draws some designs twice, and each repeat gives way
+    caplog.set_level("WARNING", logger="optuna")
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=9, space={**TINY_SPACE, "base_width": [4]}, pruner="none")
+    assert len(set(c.model.architecture() for c in trainer.configs)) == len(trainer.configs) == 9
+    assert [r.state for r in result.leaderboard] == ["complete"] * 9 and result.stopped == ""
+    study = optuna.load_study(study_name="default", storage=result.storage)
+    skipped = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert skipped and all("duplicate" in t.user_attrs for t in skipped)  # hidden from the leaderboard
+    assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]  # nor logged
 
 
 def test_study_resumes_and_refuses_another_space(tmp_path) -> None:
@@ -592,6 +661,48 @@ def test_study_resumes_and_refuses_another_space(tmp_path) -> None:
         trials(tmp_path, FakeTrainer(), n=1, space={**TINY_SPACE, "max_params": 30_000})
     report, _ = trials(tmp_path, FakeTrainer(), n=0)  # report only
     assert len(report.leaderboard) == 3 and report.trials_run == 0
+
+
+def test_study_refuses_another_trial_recipe(tmp_path) -> None:
+    trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=1", "data.val_size=64"])
+    with pytest.raises(ConfigError) as err:
+        trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=2", "data.val_size=64"])
+    assert str(err.value) == (
+        f"study 'default' in sqlite:///{tmp_path / 'search' / 'study.db'} was trained with another "
+        "trial config (train.epochs = 1 in the study, 2 now); use the same --config and --set, or a "
+        "new --study name"
+    )
+    with pytest.raises(ConfigError, match=r"\(data\.val_size = 64 in the study, 5000 now; train\.lr"):
+        trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=1", "train.lr=0.2"])
+    # the same recipe continues, however it is spelled and wherever the worker runs it
+    same = ["data.val_size=64", "train.epochs=1", "train.device=cpu", "data.root=/elsewhere"]
+    result, _ = trials(tmp_path, FakeTrainer(), n=1, overrides=same)
+    assert len(result.leaderboard) == 2
+    report, _ = trials(tmp_path, FakeTrainer(), n=0, overrides=["train.epochs=5"])  # trains nothing
+    assert len(report.leaderboard) == 2
+
+
+def test_a_study_from_before_recipes_were_recorded_records_its_next_one(tmp_path) -> None:
+    trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=1"])
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
+    study.set_user_attr("recipe", None)  # as a study created before recipes were recorded
+    trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=2"])
+    with pytest.raises(ConfigError, match=r"train\.epochs = 2 in the study, 1 now"):
+        trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=1"])
+
+
+def test_cli_refuses_another_trial_recipe(tmp_path, monkeypatch) -> None:
+    import cerberus.runner
+
+    monkeypatch.setattr(cerberus.runner, "train_run", FakeTrainer())
+    args = ["--max-params", "100000", "--trials", "1", "--out", str(tmp_path / "s")]
+    assert invoke(*args, "--set", "train.epochs=1").exit_code == 0
+    result = invoke(*args, "--set", "train.epochs=2")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: study 'default' in sqlite:///")
+    assert "was trained with another trial config (train.epochs = 1 in the study, 2 now)" in result.stderr
+    assert "Traceback" not in result.output
+    assert invoke(*args, "--set", "train.epochs=1").exit_code == 0
 
 
 def test_ctrl_c_stops_cleanly_and_the_study_continues(tmp_path) -> None:
@@ -667,7 +778,7 @@ def test_cli_trials_json_and_interrupt(tmp_path, monkeypatch) -> None:
 @pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path, fake_cifar) -> None:
     space = tmp_path / "space.toml"
-    space.write_text("stages = [2]\nblocks = [1, 1]\nbase_width = [4, 8]\nmax_params = 20000\n")
+    space.write_text("stages = [2]\nblocks = [1, 2]\nbase_width = [4, 8]\nmax_params = 20000\n")
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     tiny = (
         "--trials 2 --study s --json --set train.epochs=2 data.train_subset=60 data.val_size=20 "
@@ -685,8 +796,8 @@ def test_two_processes_share_one_study(tmp_path, fake_cifar) -> None:
         assert p.returncode == 0, stderr
         assert json.loads(stdout)["trials_run"] == 2
     study = optuna.load_study(study_name="s", storage=storage)
-    states = [t.state for t in study.get_trials()]
-    assert len(states) == 4
-    assert all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
-    for t in study.get_trials():
+    trained = [t for t in study.get_trials() if "duplicate" not in t.user_attrs]  # not repeated draws
+    assert len(trained) == 4
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trained)
+    for t in trained:
         assert 1 <= t.user_attrs["epochs"] <= 2 and t.user_attrs["params"] <= 20_000

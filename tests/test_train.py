@@ -205,6 +205,49 @@ def test_divergence_stops_the_run_and_writes_no_nonfinite_weights(tmp_path, fake
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
+def test_non_finite_outputs_of_finite_weights_are_divergence(tmp_path, fake_cifar, monkeypatch):
+    from cerberus.checkpoint import load_checkpoint
+
+    evaluate = Run.evaluate
+
+    def nan_loss_from_epoch_2(self, *args, **kwargs):
+        result = evaluate(self, *args, **kwargs)
+        return {**result, "loss": float("nan")} if self.metrics else result
+
+    monkeypatch.setattr(Run, "evaluate", nan_loss_from_epoch_2)
+    out = tmp_path / "run"
+    message = r"validation loss became non-finite at the end of epoch 2: .*the last good checkpoint was kept"
+    with pytest.raises(DivergenceError, match=message):
+        train_run(tiny_config(tmp_path), out_dir=out, data_dir=str(fake_cifar))
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1  # neither checkpoint took epoch 2
+    assert load_checkpoint(out / "best.pt")["best_epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # Without a validation split the final test is the first evaluation: the run fails there,
+    # and summary.json records the loss as null (JSON has no NaN).
+    out = tmp_path / "no-val"
+    monkeypatch.setattr(Run, "evaluate", lambda self, *a, **k: {**evaluate(self, *a, **k), "loss": math.inf})
+    cfg = tiny_config(tmp_path, "data.val_size=0", "train.epochs=1")
+    with pytest.raises(DivergenceError, match=r"the test loss of best\.pt is non-finite"):
+        train_run(cfg, out_dir=out, data_dir=str(fake_cifar))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_loss"] is None and summary["test_accuracy"] is not None
+    assert (out / "best.pt").exists()
+
+
+def test_json_output_writes_non_finite_numbers_as_null():
+    from cerberus.files import to_json
+
+    data = {"loss": math.nan, "rates": [1.5, math.inf, -math.inf], "nested": ({"x": math.nan},), "n": 3}
+    text = to_json(data)
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON")) == {
+        "loss": None,
+        "rates": [1.5, None, None],
+        "nested": [{"x": None}],
+        "n": 3,
+    }
+
+
 def test_divergence_exit_code_through_the_cli(tmp_path, fake_cifar):
     config = write_config(tmp_path)
     result = CliRunner().invoke(

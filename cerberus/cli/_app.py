@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar
@@ -14,10 +13,10 @@ from typer.core import TyperCommand
 
 from cerberus import __version__
 from cerberus.errors import CerberusError, ConfigError
+from cerberus.files import to_json
 
 app = typer.Typer(
     name="cerberus",
-    help="Design, train and evaluate CIFAR-10 ResNets under a hard parameter budget.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -114,7 +113,7 @@ def naming_flags(given: dict[str, Any]) -> Iterator[None]:
 
 
 def emit_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
+    typer.echo(to_json(data, indent=2))
 
 
 PIPED_WIDTH = 200  # columns for tables written to a file or a pipe (rich would assume 80)
@@ -146,5 +145,13 @@ def root(
 ) -> None:
     """Design, train and evaluate CIFAR-10 ResNets under a hard parameter budget.
 
-    Start with `cerberus count-params --blocks 3 5 3`, then `cerberus train CONFIG.toml`.
+    Each command has its own --help with examples.
+
+    \b
+    Examples:
+      cerberus count-params --blocks 3 5 3               # ResNet-24: 4,918,602 parameters
+      cerberus train configs/cpu-quick.toml              # CIFAR-10 downloaded when absent
+      cerberus eval runs/cpu-quick-*/best.pt --tta
+      cerberus search --max-params 5000000 --top 10      # designs under the budget
+      cerberus predict best.pt --input cifar_test_nolabel.pkl --output submission.csv
     """

@@ -130,6 +130,7 @@ class TrialsDisplay:
             transient=True,
         )
         self.tasks: dict[int, Any] = {}
+        self.started = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         handler = getattr(self, f"on_{event['event']}", None)
@@ -142,6 +143,7 @@ class TrialsDisplay:
             f"running {e['trials']} more"
         )
         self.progress.start()
+        self.started = True
 
     def on_trial_start(self, e: dict[str, Any]) -> None:
         from rich.markup import escape
@@ -181,7 +183,8 @@ class TrialsDisplay:
         self.console.print(line + (f"  ({escape(e['note'])})" if e["note"] else ""))
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.started:  # rich writes a blank line when stopping what never started
+            self.progress.stop()
 
 
 def _accuracy(value: float | None) -> str:
@@ -224,7 +227,7 @@ def show_results(result) -> None:
         out.print(f"best designs as train configs: {result.configs[0].parent}/ ({len(result.configs)})")
 
 
-def run_search_trials(space, *, as_json: bool, **kwargs) -> None:
+def run_search_trials(space, *, as_json: bool, trials: int, **kwargs) -> None:
     import optuna
 
     from cerberus.search import run_trials
@@ -232,7 +235,7 @@ def run_search_trials(space, *, as_json: bool, **kwargs) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the display reports every trial
     display = TrialsDisplay()
     try:
-        result = run_trials(space, on_event=display, **kwargs)
+        result = run_trials(space, trials=trials, on_event=display, **kwargs)
     finally:
         display.stop()
     if as_json:
@@ -246,6 +249,10 @@ def run_search_trials(space, *, as_json: bool, **kwargs) -> None:
             err=True,
         )
         raise typer.Exit(130)
+    if trials and not result.trials_trained:  # never a silent success that trained nothing
+        raise fail(f"no trial trained: {result.stopped}", 1)
+    if result.stopped:
+        typer.echo(f"Trained {result.trials_trained} of {trials} trials: {result.stopped}.", err=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,11 +319,14 @@ def search_command(
     under the budget first, then fewer MACs.
 
     With --trials N, this process trains N short trials (10 epochs unless
-    --set train.epochs=...) on designs that Optuna samples. Poor trials are
-    pruned after an epoch on validation accuracy (the test set is never used);
-    designs over the budget never train. The study lives in --storage (default
-    sqlite:///OUT/study.db): run the command again to continue it, or point
-    several processes or machines at one storage to share the study, e.g.
+    --set train.epochs=...) on designs that Optuna samples among those within
+    the budget, never one the study already holds (it stops early once the
+    study holds them all; a space with none within the budget is refused).
+    Poor trials are pruned after an epoch on validation accuracy (the test set
+    is never used). The study lives in --storage (default
+    sqlite:///OUT/study.db): run the command again, with the same space, --config
+    and --set, to continue it, or point several processes or machines at one
+    storage to share the study, e.g.
     --storage postgresql://user:password@dbhost/cerberus. Results: a
     leaderboard, the Pareto front of accuracy against parameters (pareto.png)
     and the best designs as train configs. Ctrl-C stops cleanly (exit 130).

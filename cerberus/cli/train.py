@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from cerberus.cli._app import MultiValueCommand, app, fail, handle_errors
+from cerberus.files import to_json
 
 
 def _layout(channels_last: bool, inference: bool | None) -> str:
@@ -111,6 +114,9 @@ class TrainDisplay:
             self.progress.update(self.epoch_task, completed=e["epoch"])
             self.progress.reset(self.batch_task, info="")
 
+    def on_note(self, e: dict[str, Any]) -> None:
+        typer.echo(f"Note: {e['message']}", err=True)
+
     def on_done(self, e: dict[str, Any]) -> None:
         self.stop()
         s = e["summary"]
@@ -136,7 +142,27 @@ class TrainDisplay:
 
 def json_lines(event: dict[str, Any]) -> None:
     if event["event"] != "step":
-        typer.echo(json.dumps(event))
+        typer.echo(to_json(event))
+
+
+def survive_closed_stdout(sink: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """``sink``, silenced once the reader of stdout goes away (``| head``, a closed pipe) rather
+    than ending the run there: training goes on and writes its checkpoints and files."""
+    closed = False
+
+    def emit(event: dict[str, Any]) -> None:
+        nonlocal closed
+        if closed:
+            return
+        try:
+            sink(event)
+        except BrokenPipeError:
+            closed = True
+            devnull = os.open(os.devnull, os.O_WRONLY)  # what is still buffered goes there, at exit too
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+    return emit
 
 
 @app.command("train", cls=MultiValueCommand)
@@ -201,6 +227,8 @@ def train_command(
     else:
         display = TrainDisplay(quiet=quiet) if main_process else None
         sink = display
+    if sink is not None:
+        sink = survive_closed_stdout(sink)
     try:
         train_run(
             cfg,

@@ -50,6 +50,20 @@ class _Family:
     const_macs: int
     coef_macs: tuple[int, ...]
 
+    def params(self, blocks: Sequence[int]) -> int:
+        """Exact parameters of the design with these blocks."""
+        return self.const_params + sum(b * a for b, a in zip(blocks, self.coef_params))
+
+    def label(self) -> str:
+        """Everything but the blocks, e.g. ``C[16,32,64] F3 K1 P8 stem16`` (`` S2``, `` maxpool``
+        as in :meth:`Architecture.label`): a stable name for a sampler's choice."""
+        widths = ",".join(map(str, self.widths))
+        label = f"C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool_size}"
+        label += f" stem{self.stem_channels}"
+        if self.stem_kernel != STEM_KERNEL:
+            label += f" S{self.stem_kernel}"
+        return label + " maxpool" if self.downsample == "pool" else label
+
     def architecture(self, blocks: Sequence[int]) -> Architecture:
         return Architecture(
             blocks=tuple(int(b) for b in blocks),
@@ -147,6 +161,23 @@ def _ranges_within_budget(
     if least > max_params:
         return None
     return [(lo, min(hi, lo + (max_params - least) // a)) for (lo, hi), a in zip(ranges, coef)]
+
+
+def smallest_params(space: SearchSpace) -> int:
+    """Parameters of the smallest design of the space (every stage at its fewest blocks)."""
+    return min(f.params([lo for lo, _ in space.block_ranges(len(f.widths))]) for f in _families(space))
+
+
+def families_within_budget(space: SearchSpace) -> list[tuple[_Family, list[tuple[int, int]]]]:
+    """Every family with a design within ``space.max_params``, with its block ranges cut to the
+    budget (see :func:`_ranges_within_budget`); ``min_params`` is not applied. In the order of
+    :func:`_family_keys`, so the same space always lists them alike."""
+    fitting = []
+    for fam in _families(space):
+        ranges = _ranges_within_budget(fam, space.block_ranges(len(fam.widths)), space.max_params)
+        if ranges is not None:
+            fitting.append((fam, ranges))
+    return fitting
 
 
 @dataclass(frozen=True)

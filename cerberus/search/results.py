@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 from cerberus.arch import STEM_KERNEL, Architecture
 from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.errors import CerberusError
-from cerberus.files import atomic_write
+from cerberus.files import atomic_write, to_json
 from cerberus.search.enumeration import Enumeration
 from cerberus.search.space import SearchSpace
 
@@ -89,7 +88,7 @@ class TrialRecord:
     """One trial of a study, as the leaderboard shows it."""
 
     number: int
-    state: str  # complete | pruned | rejected | failed | running
+    state: str  # complete | pruned | rejected | failed | running | waiting (| skipped: not listed)
     design: dict[str, Any] | None  # Architecture.to_dict(), None before the design was drawn
     label: str
     params: int | None
@@ -110,12 +109,14 @@ class SearchResult:
     study: str
     storage: str
     out_dir: Path
-    trials_run: int  # trials this call finished
+    trials_run: int  # trials this call finished (rejected designs included)
     leaderboard: list[TrialRecord]
     pareto: list[TrialRecord]
     configs: list[Path] = field(default_factory=list)
     plot: Path | None = None
     interrupted: bool = False
+    trials_trained: int = 0  # trials this call trained: complete, pruned, or failed while training
+    stopped: str = ""  # why this call trained fewer trials than asked ("" when it did not)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +124,8 @@ class SearchResult:
             "storage": self.storage,
             "out_dir": str(self.out_dir),
             "trials_run": self.trials_run,
+            "trials_trained": self.trials_trained,
+            "stopped": self.stopped,
             "interrupted": self.interrupted,
             "leaderboard": [r.to_dict() for r in self.leaderboard],
             "pareto": [r.to_dict() for r in self.pareto],
@@ -177,4 +180,4 @@ def write_results(result: SearchResult, space: SearchSpace, *, top: int, base, c
         result.plot = plot_pareto(
             result.leaderboard, result.pareto, result.out_dir / "pareto.png", space.max_params
         )
-    atomic_write(result.out_dir / "leaderboard.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write(result.out_dir / "leaderboard.json", to_json(result.to_dict(), indent=2) + "\n")

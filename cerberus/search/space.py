@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cerberus.arch import DEFAULT_BUDGET, INPUT_SIDE, MAX_STAGES, MAX_STEM_KERNEL, STEM_KERNEL, Architecture
+from cerberus.arch import DEFAULT_BUDGET, MAX_STAGES, MAX_STEM_KERNEL, STEM_KERNEL, Architecture
 from cerberus.config import format_validation_error, read_toml
 from cerberus.errors import ConfigError
 
@@ -29,15 +29,6 @@ def final_side(num_stages: int, downsample: str = "stride", stem_kernel: int = S
 def stages_limit(downsample: str, stem_kernel: int = STEM_KERNEL) -> int:
     """The most stages a 32x32 input allows with this way of downsampling and stem."""
     return Architecture(downsample=downsample, stem_kernel=stem_kernel).max_stages
-
-
-def geometry_suffix(geometry: Geometry) -> str:
-    """'' for the seed's geometry, else e.g. '_pool', '_map31', '_pool_map31': names for Optuna
-    parameters whose choices depend on it. Only the stem's output side matters (every odd stem
-    keeps 32x32), so stems with the same side share names and what the sampler learns."""
-    mode, stem_kernel = geometry
-    side = Architecture(stem_kernel=stem_kernel).stem_side
-    return ("" if mode == "stride" else f"_{mode}") + ("" if side == INPUT_SIDE else f"_map{side}")
 
 
 class SearchSpace(BaseModel):

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.errors import ConfigError
 from cerberus.search.results import TrialRecord
 from cerberus.search.space import SearchSpace
@@ -113,6 +114,41 @@ def _space_fingerprint(space: SearchSpace) -> dict[str, Any]:
     return json.loads(space.model_dump_json(exclude={"min_params"}))
 
 
+# Settings of the trial config that are not part of the recipe: the design and name each trial
+# sets, and where a worker finds the data and what it runs on (workers sharing a study differ).
+NOT_RECIPE = ("name", "model", "data.root", "data.download", "data.url", "train.device", "train.threads")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}``."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _recipe(config: ExperimentConfig) -> dict[str, Any]:
+    flat = _flatten(config.model_dump(mode="json"))
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_RECIPE)
+    }
+
+
+def trial_recipe(trial_data: dict[str, Any]) -> dict[str, Any]:
+    """The resolved trial config (defaults filled in) as dotted keys, without :data:`NOT_RECIPE`:
+    what a study records so that all its trials train alike."""
+    return _recipe(config_from_dict(trial_data, enforce_budget=False, model_replaced=True))
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return sorted(key for key in current.keys() | recorded.keys() if recorded.get(key) != current.get(key))
+
+
 def open_study(
     space: SearchSpace,
     *,
@@ -122,8 +158,13 @@ def open_study(
     epochs: int = 10,
     seed: int | None = None,
     create: bool = True,
+    recipe: dict[str, Any] | None = None,
 ):
-    """Create or load the study (maximising validation accuracy) and check it is this space's."""
+    """Create or load the study (maximising validation accuracy) and check it is this space's.
+
+    With ``recipe`` (:func:`trial_recipe`), also check that the study's trials were trained with
+    it; a study without one records it.
+    """
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=seed)
@@ -151,17 +192,37 @@ def open_study(
             study.set_user_attr("space", fingerprint)
         else:  # keys the space gained after the study was created (stem_kernel) had their default
             recorded = {**_space_fingerprint(SearchSpace()), **recorded}
+        recorded_recipe = study.user_attrs.get("recipe") if recipe is not None else None
+        if recipe is not None and recorded_recipe is None and recorded in (None, fingerprint):
+            study.set_user_attr("recipe", recipe)  # studies from before recipes were recorded, too
+        elif recorded_recipe is not None:  # settings added to the config since had their default
+            recorded_recipe = {**_recipe(ExperimentConfig()), **recorded_recipe}
     if recorded is not None and recorded != fingerprint:
         differ = sorted(key for key in fingerprint if recorded.get(key) != fingerprint[key])
         raise ConfigError(
             f"study {study_name!r} in {storage} was created with another search space "
             f"(it differs in: {', '.join(differ)}); use the same space, or a new --study name"
         )
+    if recorded_recipe is not None and recorded_recipe != recipe:
+        differ = [
+            f"{key} = {_shown(recorded_recipe.get(key))} in the study, {_shown(recipe.get(key))} now"
+            for key in _differences(recorded_recipe, recipe)
+        ]
+        raise ConfigError(
+            f"study {study_name!r} in {storage} was trained with another trial config "
+            f"({'; '.join(differ)}); use the same --config and --set, or a new --study name"
+        )
     return study
 
 
+def _shown(value: Any) -> str:
+    """A setting's value as JSON (which --set takes for numbers, booleans and lists)."""
+    return "unset" if value is None else json.dumps(value)
+
+
 def trial_record(trial) -> TrialRecord:
-    """One Optuna trial as the leaderboard shows it (a rejected design is Optuna's PRUNED)."""
+    """One Optuna trial as the leaderboard shows it (a rejected design is Optuna's PRUNED; a draw
+    of a design the study already held, ``skipped``, its FAIL)."""
     import optuna
 
     attrs = trial.user_attrs
@@ -174,6 +235,8 @@ def trial_record(trial) -> TrialRecord:
     }[trial.state]
     if state == "pruned" and "rejected" in attrs:
         state = "rejected"
+    if state == "failed" and "duplicate" in attrs:
+        state = "skipped"
     accuracy = attrs.get("best_val_accuracy")
     if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
         accuracy = trial.value
@@ -192,6 +255,9 @@ def trial_record(trial) -> TrialRecord:
 
 
 def leaderboard(study) -> list[TrialRecord]:
-    """Every trial, the best validation accuracy first; trials without one last, by number."""
-    records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    """Every trial, the best validation accuracy first; trials without one last, by number.
+
+    Skipped draws (a design the study already held) are left out: nothing was trained.
+    """
+    records = [r for r in map(trial_record, study.get_trials(deepcopy=False)) if r.state != "skipped"]
     return sorted(records, key=lambda r: (r.val_accuracy is None, -(r.val_accuracy or 0.0), r.number))

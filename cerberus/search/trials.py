@@ -3,30 +3,57 @@
 :func:`run_trials` trains designs sampled from the space with Optuna, for a few epochs each,
 and keeps the best by validation accuracy (the test set is never evaluated). Every
 epoch reports validation accuracy to a Hyperband (or successive-halving) pruner, which stops poor
-trials early. Designs over the budget never start training: the sampler narrows each stage's
-block range to what the budget leaves (so sampled designs fit), and a combination of widths that
-cannot fit even with one block per stage is recorded as a cheap trial in state ``rejected``
-(Optuna state PRUNED, user attribute ``rejected``) that counts towards ``--trials``.
+trials early.
+
+Only designs within the budget are drawn: the sampler chooses among the design families (every
+setting but the blocks) that have one, then each stage's blocks in what the budget leaves. A space
+with no design within the budget is refused before anything starts. A design the study already
+holds is not trained again: that draw is recorded as a failed trial that the leaderboard hides, and
+the next trial takes the nearest design the study does not hold. A design the trial config does
+not suit (``train.whiten_stem`` with an odd stem width, say) is recorded as a cheap trial in state
+``rejected`` (Optuna state PRUNED, user attribute ``rejected``). Neither counts towards ``trials``:
+a call trains ``trials`` trials unless the study comes to hold every design within the budget, or
+:data:`MAX_UNTRAINED_DRAWS` designs in a row are rejected (:attr:`SearchResult.stopped` says why).
 
 The study and its storage: :mod:`cerberus.search.study`.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cerberus.arch import STEM_KERNEL, Architecture, count_macs, count_params, nhwc_backward_hazard
+from cerberus.arch import Architecture, count_macs, count_params, nhwc_backward_hazard
 from cerberus.config import apply_overrides, config_from_dict, override_keys
 from cerberus.errors import BudgetError, ConfigError, DivergenceError, Interrupted
-from cerberus.search.enumeration import _family
-from cerberus.search.results import SearchResult, TrialRecord, design_config, study_pareto, write_results
-from cerberus.search.space import SearchSpace, geometry_suffix
-from cerberus.search.study import PrunerName, default_storage, leaderboard, open_study, trial_record
+from cerberus.search.enumeration import _Family, families_within_budget, smallest_params
+from cerberus.search.results import (
+    SearchResult,
+    TrialRecord,
+    _arch_from_dict,
+    design_config,
+    study_pareto,
+    write_results,
+)
+from cerberus.search.space import SearchSpace
+from cerberus.search.study import (
+    PrunerName,
+    default_storage,
+    leaderboard,
+    open_study,
+    trial_recipe,
+    trial_record,
+)
 
 EventSink = Callable[[dict[str, Any]], None]
+
+# A search stops when this many designs in a row were rejected before training (the trial
+# config does not suit them): every one of them is new, so a large space would never run out.
+MAX_UNTRAINED_DRAWS = 50
 
 
 def default_out_dir(study_name: str) -> Path:
@@ -57,41 +84,100 @@ def trial_base(
     return data
 
 
-def _suggest_design(trial, space: SearchSpace) -> tuple[Architecture, bool]:
-    """Draw a design; block ranges narrow to what the budget leaves. ``(design, fits)``."""
-    # Parameters whose choices depend on the map's geometry (the way of downsampling and the
-    # stem kernel) get their own names, as Optuna needs one fixed set of choices per name.
-    mode = trial.suggest_categorical("downsample", space.usable_modes())
-    stem_kernel = trial.suggest_categorical(
-        f"stem_kernel{geometry_suffix((mode, STEM_KERNEL))}", space.stem_kernels(mode)
-    )
-    geometry = (mode, stem_kernel)
-    suffix = geometry_suffix(geometry)
-    n = trial.suggest_categorical(f"stages{suffix}", space.stage_counts(geometry))
-    if space.channels is not None:
-        options = {"-".join(map(str, w)): w for w in space.widths(n)}
-        widths = options[trial.suggest_categorical(f"channels_{n}", list(options))]
-    else:
-        base = trial.suggest_categorical("base_width", space.base_width)
-        growth = trial.suggest_categorical("growth", space.growth)
-        widths = tuple(max(1, round(base * growth**i)) for i in range(n))
-    f = trial.suggest_categorical("conv_kernel", space.conv_kernel)
-    k = trial.suggest_categorical("skip_kernel", space.skip_kernel)
-    pool = trial.suggest_categorical(f"pool_size_{n}{suffix}", space.pools(n, geometry))
-    stem = trial.suggest_categorical("stem_channels", space.stem_channels) or widths[0]
-    fam = _family(widths, f, k, pool, stem, *geometry)
-    ranges = space.block_ranges(n)
-    # Budget left for stage i = max - const - chosen stages before i - the minimum of those after.
-    spent = fam.const_params + sum(lo * a for (lo, _), a in zip(ranges, fam.coef_params))
-    if spent > space.max_params:
-        return fam.architecture([lo for lo, _ in ranges]), False
+# A design family (every setting but the blocks) as the sampler's choice: its label, the family
+# and its block ranges cut to the budget.
+Families = dict[str, tuple[_Family, list[tuple[int, int]]]]
+
+
+def _suggest_design(trial, families: Families, max_params: int) -> tuple[str, Architecture]:
+    """Draw a design within the budget: ``(family label, design)``.
+
+    Optuna's suggestions cannot express the joint constraint ``params <= max_params``, so the
+    sampler chooses among the families that have a design within the budget (one categorical,
+    fixed for a space and budget), and then the blocks of each stage in what the budget leaves:
+    max - const - the blocks chosen before stage i - the fewest of those after it.
+    """
+    label = trial.suggest_categorical("family", list(families))
+    fam, ranges = families[label]
+    spent = fam.params([lo for lo, _ in ranges])
     blocks = []
     for i, ((lo, hi), a) in enumerate(zip(ranges, fam.coef_params)):
-        most = lo + (space.max_params - spent) // a
-        b = trial.suggest_int(f"blocks_{i}", lo, min(hi, most))
+        b = trial.suggest_int(f"blocks_{i}", lo, min(hi, lo + (max_params - spent) // a))
         spent += (b - lo) * a
         blocks.append(b)
-    return fam.architecture(blocks), True
+    return label, fam.architecture(blocks)
+
+
+def _tried_designs(study) -> dict[Architecture, int]:
+    """Designs the study holds (trained, pruned, rejected, running, diverged) -> a trial number.
+
+    A trial that failed otherwise (interrupted, its process killed) may be drawn again.
+    """
+    import optuna
+
+    tried = {}
+    for t in study.get_trials(deepcopy=False):
+        design = t.user_attrs.get("design")
+        if design is None or (t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs):
+            continue
+        tried.setdefault(_arch_from_dict(design), t.number)
+    return tried
+
+
+def _nearest_untried(fam, ranges, start: Sequence[int], tried, max_params: int) -> tuple[int, ...] | None:
+    """The design of ``fam`` within the budget nearest to ``start`` (blocks +-1 a step) that is
+    not in ``tried``; None when every one is.
+
+    Fewer blocks never cost more, so the family's designs within the budget are connected by such
+    steps: the search visits at most ``len(tried) + 1`` of them.
+    """
+    start = tuple(start)
+    seen, queue = {start}, collections.deque([start])
+    while queue:
+        blocks = queue.popleft()
+        if fam.architecture(blocks) not in tried:
+            return blocks
+        for i, (lo, hi) in enumerate(ranges):
+            for b in (blocks[i] - 1, blocks[i] + 1):
+                near = (*blocks[:i], b, *blocks[i + 1 :])
+                if lo <= b <= hi and near not in seen and fam.params(near) <= max_params:
+                    seen.add(near)
+                    queue.append(near)
+    return None
+
+
+def _untried_design(
+    families: Families, tried, max_params: int, near: tuple[str, Sequence[int]] | None = None
+) -> tuple[str, tuple[int, ...]] | None:
+    """A design within the budget that the study does not hold: the nearest to ``near``
+    (``(family label, blocks)``) in its family if any, else the one nearest the smallest design
+    of the first family that has one. None when the study holds every design within the budget."""
+    starts = [near] if near is not None else []
+    starts += [(label, [lo for lo, _ in ranges]) for label, (_, ranges) in families.items()]
+    for label, blocks in starts:
+        fam, ranges = families[label]
+        found = _nearest_untried(fam, ranges, blocks, tried, max_params)
+        if found is not None:
+            return label, found
+    return None
+
+
+class _DuplicateDesign(Exception):
+    """The sampler drew a design the study already holds: the draw is recorded as a failed trial
+    (which samplers ignore), hidden from the leaderboard, and not counted."""
+
+
+class _QuietDuplicates(logging.Filter):
+    """Drops Optuna's warnings (a traceback each) about the trials of duplicate draws: they are
+    bookkeeping, not failures."""
+
+    def __init__(self, numbers: set[int]):
+        super().__init__()
+        self.numbers = numbers  # trial numbers of duplicate draws
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed ") for n in self.numbers)
 
 
 def trial_folder(study_name: str, number: int) -> str:
@@ -100,28 +186,35 @@ def trial_folder(study_name: str, number: int) -> str:
 
 
 class _Objective:
-    """One Optuna trial: draw a design, refuse it if over budget, train it, report each epoch."""
+    """One Optuna trial: draw a design within the budget, skip it if the study holds it, reject
+    it if the trial config does not suit it, else train it and report each epoch."""
 
-    def __init__(self, space, base, out_dir, data_dir, train_fn, emit):
-        self.space, self.base, self.out_dir, self.data_dir = space, base, out_dir, data_dir
-        self.train_fn, self.emit = train_fn, emit
+    def __init__(self, space, families, base, out_dir, data_dir, train_fn, emit):
+        self.space, self.families, self.base = space, families, base
+        self.out_dir, self.data_dir, self.train_fn, self.emit = out_dir, data_dir, train_fn, emit
         self.epochs = base["train"]["epochs"]
+        self.duplicates: set[int] = set()  # trial numbers of duplicate draws
 
     def __call__(self, trial) -> float:
         import optuna
 
-        arch, fits = _suggest_design(trial, self.space)
+        label, arch = _suggest_design(trial, self.families, self.space.max_params)
+        tried = _tried_designs(trial.study)
+        if arch in tried:  # not trained again: the next trial takes the nearest untried design
+            untried = _untried_design(self.families, tried, self.space.max_params, (label, arch.blocks))
+            if untried is not None:
+                label, blocks = untried
+                params = {"family": label, **{f"blocks_{i}": b for i, b in enumerate(blocks)}}
+                trial.study.enqueue_trial(params)
+            trial.set_user_attr("duplicate", tried[arch])
+            self.duplicates.add(trial.number)
+            raise _DuplicateDesign(f"{arch.label()} is the design of trial {tried[arch]}")
         params, macs = count_params(arch), count_macs(arch)
         info = dict(design=arch.to_dict(), label=arch.label(), params=params, macs=macs)
         for key, value in {**info, "epochs": 0, "epochs_planned": self.epochs}.items():
             trial.set_user_attr(key, value)
         try:
-            if not fits:  # over even with the fewest blocks: say so rather than train
-                raise BudgetError(f"{params:,} parameters, over the {self.space.max_params:,} budget")
             config = design_config(arch, self.space.max_params, self.base, name=f"trial-{trial.number:04d}")
-        except BudgetError as err:
-            trial.set_user_attr("rejected", f"over budget: {err}")
-            raise optuna.TrialPruned(f"rejected before training: {err}") from None
         except ConfigError as err:  # the base's settings do not suit this design (whiten_stem)
             trial.set_user_attr("rejected", f"invalid config: {err}")
             raise optuna.TrialPruned(f"rejected before training: {err}") from None
@@ -218,6 +311,13 @@ def run_trials(
     completed designs as train configs in ``configs_dir`` (default ``<out_dir>/configs``) and
     ``<out_dir>/leaderboard.json``. ``train_fn`` defaults to :func:`cerberus.runner.train_run`.
 
+    Only designs within the budget, and not yet in the study, are trained; rejected designs do
+    not count towards ``trials`` (see the module's docstring). Raises :class:`BudgetError` when no
+    design of the space is within the budget, and :class:`ConfigError` when the study was trained
+    with another trial config (the resolved config less :data:`~cerberus.search.study.NOT_RECIPE`).
+    The result's ``trials_trained`` counts the trials trained, and ``stopped`` says why there
+    were fewer than ``trials``.
+
     Progress goes to ``on_event`` as dicts: ``study``, ``trial_start``, ``trial_step``,
     ``trial_epoch``, ``trial_end`` (a :class:`TrialRecord` as a dict). Ctrl-C
     (KeyboardInterrupt) marks the running trial failed and returns with ``interrupted=True``;
@@ -227,6 +327,14 @@ def run_trials(
         raise ConfigError(f"--trials: must be 0 or more, got {trials}")
     trial_data = trial_base(base, overrides)
     epochs = trial_data["train"]["epochs"]
+    families: Families = {}
+    if trials:
+        families = {fam.label(): (fam, ranges) for fam, ranges in families_within_budget(space)}
+        if not families:
+            raise BudgetError(
+                f"no design of the search space fits the {space.max_params:,}-parameter budget (the "
+                f"smallest has {smallest_params(space):,}); raise the budget or search smaller designs"
+            )
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(study_name)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,6 +349,7 @@ def run_trials(
         epochs=epochs,
         seed=seed,
         create=trials > 0,
+        recipe=trial_recipe(trial_data) if trials else None,
     )
     emit = on_event or (lambda event: None)
     emit(
@@ -249,32 +358,65 @@ def run_trials(
             "study": study_name,
             "storage": storage,
             "out_dir": str(out_dir),
-            "existing_trials": len(study.get_trials(deepcopy=False)),
+            "existing_trials": len(leaderboard(study)),
             "trials": trials,
         }
     )
     if train_fn is None and trials:
         from cerberus.runner import train_run as train_fn
 
-    finished: list[TrialRecord] = []
+    finished: list[TrialRecord] = []  # this call's trials, as the leaderboard shows them
+    outcomes: list[str] = []  # the state of every draw, duplicates ("skipped") included
 
     def after_trial(study, trial) -> None:
-        finished.append(trial_record(trial))
-        emit({"event": "trial_end", **finished[-1].to_dict()})
+        record = trial_record(trial)
+        outcomes.append(record.state)
+        if record.state != "skipped":
+            finished.append(record)
+            emit({"event": "trial_end", **finished[-1].to_dict()})
 
-    interrupted = False
+    objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit)
+    trained, untrained_draws, stopped, interrupted = 0, 0, "", False
+    quiet = _QuietDuplicates(objective.duplicates)
+    logging.getLogger("optuna.study._optimize").addFilter(quiet)
     try:
-        study.optimize(
-            _Objective(space, trial_data, out_dir, data_dir, train_fn, emit),
-            n_trials=trials,
-            catch=(DivergenceError,),  # that trial fails; the search goes on
-            callbacks=[after_trial],
-        )
+        while trained < trials:
+            tried = _tried_designs(study)
+            if _untried_design(families, tried, space.max_params) is None:
+                within = sum(count_params(arch) <= space.max_params for arch in tried)
+                stopped = f"the study holds every design within the budget ({within:,})"
+                break
+            if untrained_draws >= MAX_UNTRAINED_DRAWS:
+                stopped = (
+                    f"the last {MAX_UNTRAINED_DRAWS} designs drawn were rejected before training "
+                    "(see the leaderboard's notes)"
+                )
+                break
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(DivergenceError, _DuplicateDesign),  # that trial fails; the search goes on
+                callbacks=[after_trial],
+            )
+            if outcomes[-1] in ("complete", "pruned", "failed"):  # it trained (failed: it diverged)
+                trained, untrained_draws = trained + 1, 0
+            elif outcomes[-1] == "rejected":  # a duplicate is not counted: an untried design follows
+                untrained_draws += 1
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
+    finally:
+        logging.getLogger("optuna.study._optimize").removeFilter(quiet)
     records = leaderboard(study)
     result = SearchResult(
-        study_name, storage, out_dir, len(finished), records, study_pareto(records), interrupted=interrupted
+        study_name,
+        storage,
+        out_dir,
+        len(finished),
+        records,
+        study_pareto(records),
+        interrupted=interrupted,
+        trials_trained=trained,
+        stopped=stopped,
     )
     write_results(result, space, top=top, base=base, configs_dir=configs_dir)
     return result
