@@ -316,11 +316,13 @@ def load_checkpoint(
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path} is truncated or corrupt (its zip directory is missing)")
-        with zipfile.ZipFile(path) as archive:  # torch.save writes <name>/data.pkl and tensors
-            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
-                raise CheckpointError(
-                    f"{path} is a zip archive, not a PyTorch checkpoint (no data.pkl in it)"
-                )
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save writes <name>/data.pkl and tensors
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__})") from None
+        if not any(name.endswith("/data.pkl") for name in names):
+            raise CheckpointError(f"{path} is a zip archive, not a PyTorch checkpoint (no data.pkl in it)")
     elif not head.startswith(_LEGACY_MAGIC):
         raise _not_a_checkpoint(path, head)  # torch.load is not even tried: nothing is unpickled
     try:

@@ -404,8 +404,9 @@ class ExperimentConfig(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _check_name(cls, name: str) -> str:
-        if "/" in name or "\\" in name:
+    def _check_name(cls, name: str, info: ValidationInfo) -> str:
+        # A checkpoint's stored config predates the rule: it still loads (its folder exists).
+        if ("/" in name or "\\" in name) and not _stored(info):
             raise ValueError(f"{name!r} holds a path separator; the run folder is named after it")
         return name
 

@@ -429,9 +429,15 @@ class Inference:
         )
         bad = int((~torch.isfinite(logits).all(1)).sum())
         if bad:  # finite weights can still overflow: a diverged run's, say
+            precision = self.placement.precision
+            verdict = (
+                "its weights are unusable"
+                if precision == "fp32"
+                else f"{precision}'s range may be too narrow for its weights: try --precision fp32"
+            )
             raise CheckpointError(
                 f"{self.path}: the model's outputs are not finite for {bad} of {len(logits)} images "
-                f"(in {self.placement.precision}): its weights are unusable, so nothing was written"
+                f"(in {precision}): {verdict}; nothing was written"
             )
         return logits
 

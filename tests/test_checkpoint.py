@@ -149,6 +149,15 @@ def test_a_zip_archive_is_not_a_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_damaged_zip_directory_is_corrupt(tmp_path):
+    path = tmp_path / "weights.pt"
+    data = serialized(tiny_model().state_dict())
+    at = data.index(b"PK\x01\x02")  # the first central-directory entry; the end record is intact
+    path.write_bytes(data[:at] + b"PK\x01\x03" + data[at + 4 :])
+    with pytest.raises(CheckpointError, match=r"weights\.pt is truncated or corrupt \(BadZipFile\)"):
+        load_checkpoint(path)
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -334,3 +334,11 @@ def test_lowered_budget_refuses_the_seed_model() -> None:
     with pytest.raises(BudgetError) as info:
         load_config(None, ["model.max_params=4_000_000"])
     assert str(info.value) == "config: model has 4,918,602 parameters, over the 4,000,000 budget by 918,602"
+
+
+def test_a_run_name_with_a_path_separator_is_refused_unless_read_back_from_a_checkpoint() -> None:
+    for name in ("ablation/lr0.1", "a\\b"):
+        with pytest.raises(ConfigError, match="holds a path separator; the run folder is named after it"):
+            config_from_dict({"name": name})
+        # a checkpoint written before the rule still loads: its run folder exists already
+        assert config_from_dict({"name": name}, stored=True).name == name

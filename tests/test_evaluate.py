@@ -399,6 +399,8 @@ def test_weights_whose_outputs_overflow_are_refused(tmp_path, fake_cifar):
     )
     assert result.exit_code == 1 and "not finite for 200 of 200 images (in fp32)" in result.stderr
     assert not (tmp_path / "r").exists()
+    with pytest.raises(CheckpointError, match=r"\(in bf16\): bf16's range may be .*try --precision fp32"):
+        evaluate_checkpoint(tmp_path / "huge.pt", data_dir=fake_cifar, test_subset=20, precision="bf16")
 
 
 def test_evaluation_of_a_cerberus_checkpoint_uses_its_config(tmp_path, fake_cifar, test_set):

@@ -678,8 +678,17 @@ def test_study_refuses_another_trial_recipe(tmp_path) -> None:
     same = ["data.val_size=64", "train.epochs=1", "train.device=cpu", "data.root=/elsewhere"]
     result, _ = trials(tmp_path, FakeTrainer(), n=1, overrides=same)
     assert len(result.leaderboard) == 2
+    # nor do the settings that cannot change what a trial learns
+    unused = [
+        "train.eval_batch_size=256",
+        "train.compile=true",
+        "train.test_tta=true",
+        "train.checkpoint_every=5",
+    ]
+    result, _ = trials(tmp_path, FakeTrainer(), n=1, overrides=[*same, *unused])
+    assert len(result.leaderboard) == 3
     report, _ = trials(tmp_path, FakeTrainer(), n=0, overrides=["train.epochs=5"])  # trains nothing
-    assert len(report.leaderboard) == 2
+    assert len(report.leaderboard) == 3
 
 
 def test_a_study_from_before_recipes_were_recorded_records_its_next_one(tmp_path) -> None:

@@ -31,7 +31,12 @@ class TrainDisplay:
     def __init__(self, quiet: bool):
         from rich.console import Console
 
-        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
+        class Display(Console):
+            def on_broken_pipe(self) -> None:  # rich would exit: the run goes on, unseen
+                self.quiet = True
+                _silence_stdout()
+
+        self.console = Display(stderr=False, highlight=False, soft_wrap=True)
         self.quiet = quiet or not self.console.is_terminal
         self.progress = None
         self.epoch_task = self.batch_task = None
@@ -145,6 +150,13 @@ def json_lines(event: dict[str, Any]) -> None:
         typer.echo(to_json(event))
 
 
+def _silence_stdout() -> None:
+    """Point stdout at the null device: what is still buffered goes there, at exit too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def survive_closed_stdout(sink: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
     """``sink``, silenced once the reader of stdout goes away (``| head``, a closed pipe) rather
     than ending the run there: training goes on and writes its checkpoints and files."""
@@ -158,9 +170,7 @@ def survive_closed_stdout(sink: Callable[[dict[str, Any]], None]) -> Callable[[d
             sink(event)
         except BrokenPipeError:
             closed = True
-            devnull = os.open(os.devnull, os.O_WRONLY)  # what is still buffered goes there, at exit too
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            _silence_stdout()
 
     return emit
 

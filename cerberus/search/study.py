@@ -115,8 +115,25 @@ def _space_fingerprint(space: SearchSpace) -> dict[str, Any]:
 
 
 # Settings of the trial config that are not part of the recipe: the design and name each trial
-# sets, and where a worker finds the data and what it runs on (workers sharing a study differ).
-NOT_RECIPE = ("name", "model", "data.root", "data.download", "data.url", "train.device", "train.threads")
+# sets, where a worker finds the data and how it runs (workers sharing a study differ), and what
+# trials never do. Precision, layout and sync_bn stay in: they can change what a trial learns.
+NOT_RECIPE = (
+    "name",
+    "model",
+    # where the data and the work are, which may differ between workers sharing a study
+    "data.root",
+    "data.download",
+    "data.url",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "train.eval_batch_size",
+    # what trials never do: they write no checkpoints and never see the test set
+    "train.checkpoint_every",
+    "train.save_every_epochs",
+    "train.test_tta",
+    "train.test_every_epoch",
+)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
