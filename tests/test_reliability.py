@@ -269,6 +269,36 @@ def test_signal_then_resume_equals_an_uninterrupted_run(
     assert_matches_reference(run, reference)
 
 
+IMPORT_INTERRUPTED = """
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def interrupting(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as torch's import begins
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupting
+from cerberus.cli._app import import_torch
+try:
+    import_torch()
+except KeyboardInterrupt:
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()
+    print("KeyboardInterrupt; torch imported:", "torch" in sys.modules, "; SIGINT unblocked:", unblocked)
+"""
+
+
+def test_a_ctrl_c_during_the_torch_import_arrives_once_it_is_done():
+    """torch's C++ start-up loses a SIGINT that lands inside it (the command would run on), so
+    the commands import torch with SIGINT held back: it arrives after the import instead."""
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_INTERRUPTED],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.stdout == "KeyboardInterrupt; torch imported: True ; SIGINT unblocked: True\n", done.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Checkpoint integrity: every command that reads a checkpoint verifies it first
 

@@ -70,6 +70,26 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def import_torch() -> None:
+    """Import torch with Ctrl-C held back until it is done.
+
+    A SIGINT that lands inside torch's C++ start-up is lost there (the command then runs on) or
+    aborts the process; held back, it arrives once the import is over, as KeyboardInterrupt.
+    """
+    import signal
+    import sys
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where signals arrive
+    if "torch" in sys.modules or not main_thread or not hasattr(signal, "pthread_sigmask"):
+        return  # imported already, or left to the command's own imports
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def handle_errors(command):
     """Turn library errors into one short message and an exit code."""
 

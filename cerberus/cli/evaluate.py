@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, console, emit_json, handle_errors, naming_flags
+from cerberus.cli._app import (
+    MultiValueCommand,
+    app,
+    console,
+    emit_json,
+    handle_errors,
+    import_torch,
+    naming_flags,
+)
 
 TrustPickle = Annotated[
     bool,
@@ -206,6 +214,7 @@ def eval_command(
       cerberus eval weights.pt --data-dir data --tta --out eval/
       cerberus eval best.pt --test-subset 1000 --json
     """
+    import_torch()
     from cerberus.evaluate import check_report_dir, evaluate_checkpoint, write_report
 
     if trust_pickle:
@@ -282,6 +291,7 @@ def predict_command(
       cerberus predict best.pt --input test.pkl --output sub.csv --tta --probs probs.csv
       cerberus predict weights.pt --input test.pkl --downsample pool
     """
+    import_torch()
     from cerberus.kaggle import predict_unlabeled
 
     if trust_pickle:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors
+from cerberus.cli._app import MultiValueCommand, app, console, emit_json, fail, handle_errors, import_torch
 
 
 class SortBy(str, Enum):
@@ -228,6 +228,7 @@ def show_results(result) -> None:
 
 
 def run_search_trials(space, *, as_json: bool, trials: int, **kwargs) -> None:
+    import_torch()
     import optuna
 
     from cerberus.search import run_trials

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, fail, handle_errors
+from cerberus.cli._app import MultiValueCommand, app, fail, handle_errors, import_torch
 from cerberus.files import to_json
 
 
@@ -227,6 +227,7 @@ def train_command(
             raise fail("give a CONFIG file (see configs/), or --resume LAST_PT", 2)
         cfg = load_config(config, overrides or [])
 
+    import_torch()
     from cerberus.distributed import is_main_process
     from cerberus.runner import train_run
 
