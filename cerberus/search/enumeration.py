@@ -55,14 +55,10 @@ class _Family:
         return self.const_params + sum(b * a for b, a in zip(blocks, self.coef_params))
 
     def label(self) -> str:
-        """Everything but the blocks, e.g. ``C[16,32,64] F3 K1 P8 stem16`` (`` S2``, `` maxpool``
-        as in :meth:`Architecture.label`): a stable name for a sampler's choice."""
-        widths = ",".join(map(str, self.widths))
-        label = f"C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool_size}"
-        label += f" stem{self.stem_channels}"
-        if self.stem_kernel != STEM_KERNEL:
-            label += f" S{self.stem_kernel}"
-        return label + " maxpool" if self.downsample == "pool" else label
+        """:meth:`Architecture.label` less the blocks, with the stem's width, e.g.
+        ``C[16,32,64] F3 K1 P8 stem16``: a stable name for a sampler's choice."""
+        design = self.architecture([1] * len(self.widths)).label()  # "B[1,1,1] C[...] ..."
+        return f"{design.split(' ', 1)[1]} stem{self.stem_channels}"
 
     def architecture(self, blocks: Sequence[int]) -> Architecture:
         return Architecture(
