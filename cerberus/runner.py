@@ -58,6 +58,8 @@ from cerberus.prune import DataPruner
 EventSink = Callable[[dict[str, Any]], None]
 
 PLOT_EVERY_SECONDS = 30.0  # curves.png is redrawn at most this often while training runs
+# How a failed run's error message ends: what the user has left (Run.checkpoint_state)
+CHECKPOINT_STATES = ("the last good checkpoint was kept", "no checkpoint had been written yet")
 
 
 @dataclass
@@ -392,9 +394,8 @@ class Run:
 
     def checkpoint_state(self) -> str:
         """What a user has left after a failed run, for the error message."""
-        if self.save_checkpoints and (self.out_dir / "last.pt").exists():
-            return "the last good checkpoint was kept"
-        return "no checkpoint had been written yet"
+        kept, none_yet = CHECKPOINT_STATES
+        return kept if self.save_checkpoints and (self.out_dir / "last.pt").exists() else none_yet
 
     def write_metrics(self, plot: bool = False) -> None:
         """metrics.jsonl, and curves.png when ``plot``, at the first epoch, or when the last
@@ -494,6 +495,8 @@ class Run:
                     epoch, state, start_step if epoch == start_epoch else 0, on_step, stop
                 )
             except DivergenceError as err:
+                if str(err).endswith(CHECKPOINT_STATES):  # raised by save(), which said it already
+                    raise
                 raise DivergenceError(f"{err}; {self.checkpoint_state()}") from None
             if step < steps:  # interrupted mid-epoch
                 self.save_last(self.payload(epoch, step, state))

@@ -76,3 +76,55 @@ def real_cifar() -> Path:
     if not root or not (Path(root) / "cifar-10-batches-py" / "test_batch").exists():
         pytest.skip("real CIFAR-10 not configured (set CERBERUS_DATA to a prepared folder)")
     return Path(root)
+
+
+def randomize_batchnorm_(model) -> None:
+    """Random BatchNorm scales (negative ones included, so folding is no identity) and statistics."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(-1.0, 1.0)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+
+
+def varied_model(arch, inputs, seed: int = 0):
+    """A fixed-seed model of ``arch`` in eval mode whose predictions differ across ``inputs``
+    (images already normalised).
+
+    A freshly built net predicts one class for every image: its features barely vary and the
+    head's bias decides. Here the BatchNorms get random statistics and the head reads each image's
+    features relative to their mean over ``inputs``, so its argmax depends on the image and on how
+    it was preprocessed.
+    """
+    import torch
+
+    from cerberus.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch).eval()
+    randomize_batchnorm_(model)
+    with torch.no_grad():
+        features = []
+        hook = model.linear.register_forward_hook(lambda _, args, __: features.append(args[0]))
+        model(inputs)
+        hook.remove()
+        mean = features[0].mean(0)
+        spread = (features[0] - mean).norm(dim=1).mean()
+        weight = torch.randn(model.linear.weight.shape) * 2 / spread
+        model.linear.weight.copy_(weight)
+        model.linear.bias.copy_(-weight @ mean)
+    return model
+
+
+def normalised(images, mean=None, std=None):
+    """uint8 images -> ``(x / 255 - mean) / std``, by hand; the documented CIFAR-10 constants by default."""
+    import torch
+
+    from cerberus.config import CIFAR10_MEAN, CIFAR10_STD
+
+    mean_t = torch.tensor(CIFAR10_MEAN if mean is None else mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(CIFAR10_STD if std is None else std).view(1, 3, 1, 1)
+    return (torch.as_tensor(images).float() / 255 - mean_t) / std_t

@@ -255,7 +255,9 @@ def test_a_global_pool_takes_smaller_inputs_and_averages_their_last_map() -> Non
         assert torch.equal(model(whole), model.linear(torch.flatten(model.pool(nominal), 1)))
     # a pool that is not global keeps its geometry: a smaller input does not fit the linear layer
     parted = build_model(Architecture(blocks=(3, 5, 3), channels=(8, 16, 32), pool_size=4)).eval()
-    with pytest.raises(RuntimeError), torch.no_grad():
+    # 24 / 4 = 6 -> AvgPool2d(4) leaves 1 x 1 of 32 channels; the linear layer wants 32 x 2 x 2 = 128
+    misfit = r"shapes cannot be multiplied \(1x32 and 128x10\)"
+    with pytest.raises(RuntimeError, match=misfit), torch.no_grad():
         parted(torch.zeros(1, 3, 24, 24))
 
 

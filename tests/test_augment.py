@@ -306,13 +306,85 @@ def test_rotation_matches_affine_grid() -> None:
     assert float((out - images.float()).abs().mean()) > 10  # it did turn
 
 
-def test_label_smoothing_loss_accepts_both_kinds_of_targets() -> None:
-    images, labels = random_images(8), torch.arange(8)
-    logits = torch.zeros(8, 10)
-    for cfg in (AugmentConfig(), AugmentConfig(mixup_alpha=0.2)):
-        _, targets = aug.Augmenter(cfg, *IDENTITY)(images, labels, torch.Generator().manual_seed(0))
-        loss = F.cross_entropy(logits, targets, label_smoothing=0.1)
-        assert loss.item() == pytest.approx(math.log(10), abs=1e-5)
+@pytest.mark.parametrize("pruned", [False, True], ids=["plain", "pruner"])
+@pytest.mark.parametrize(
+    "cfg",
+    [AugmentConfig(crop_padding=0, flip=False), AugmentConfig(flip=False, mixup_alpha=0.4, cutmix_alpha=1.0)],
+    ids=["hard-labels", "mixed-targets"],
+)
+def test_a_training_step_descends_the_label_smoothed_loss(cfg: AugmentConfig, pruned: bool) -> None:
+    """Trainer.train_step reports and descends cross-entropy against (1 - eps) * targets + eps / K,
+    computed here by hand from the step's own batch and the model's logits before the step."""
+    from cerberus.config import TrainConfig
+    from cerberus.device import Placement
+    from cerberus.engine import LRSchedule, Trainer
+    from cerberus.prune import DataPruner
+
+    n, batch, eps, cpu = 24, 8, 0.1, torch.device("cpu")
+    images, labels = random_images(n, seed=3), torch.arange(n) % 10
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_cfg = TrainConfig(batch_size=batch, schedule="constant", lr=0.05, warmup_epochs=0)
+    augmenter = aug.Augmenter(cfg, (0.5,) * 3, (0.25,) * 3)
+    trainer = Trainer(
+        model=model,
+        optimizer=optimizer,
+        schedule=LRSchedule(train_cfg, n // batch),
+        augmenter=augmenter,
+        placement=Placement(cpu, "fp32", False),
+        cfg=train_cfg,
+        seed=5,
+        images=images,
+        labels=labels,
+        label_smoothing=eps,
+        pruner=DataPruner(n, 0.5, 0, batch, 5, cpu) if pruned else None,  # nothing pruned: weights 1
+    )
+    epoch, step = 0, 1
+    idx = trainer.batch_indices(epoch, step)
+    x, targets = augmenter(images[idx], labels[idx], data.step_generator(5, epoch, step, "cpu"))
+    soft = F.one_hot(targets, 10).float() if targets.ndim == 1 else targets
+    assert (targets.ndim == 2) == augmenter.mixes
+    if augmenter.mixes:
+        assert bool((soft.max(dim=1).values < 0.99).any())  # some targets are really mixed
+
+    before = [p.detach().clone() for p in model.parameters()]
+    log_probs = torch.log_softmax(model(x), dim=1)
+    per_image = -(((1 - eps) * soft + eps / 10) * log_probs).sum(dim=1)
+    plain = -(soft * log_probs).sum(dim=1)
+    grads = torch.autograd.grad(per_image.mean(), list(model.parameters()))
+    per_image, plain = per_image.detach(), plain.detach()
+    assert float((per_image - plain).abs().sum()) > 0.05  # smoothing makes a visible difference
+
+    reported, _, trained, lr = trainer.train_step(epoch, step)
+    assert trained == batch and lr == pytest.approx(0.05)
+    assert float(reported) == pytest.approx(float(per_image.sum()), rel=1e-5)
+    assert float(reported) != pytest.approx(float(plain.sum()), rel=1e-3)
+    for after, old, grad in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(after.detach(), old - lr * grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_configured_label_smoothing_reaches_the_trainer(tmp_path, fake_cifar, monkeypatch) -> None:
+    """train_run hands augment.label_smoothing to the Trainer (whose loss the test above checks)."""
+    from test_train import tiny_config
+
+    from cerberus import runner
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def spy(**kwargs):
+        seen.append(kwargs["label_smoothing"])
+        raise Built
+
+    monkeypatch.setattr(runner, "Trainer", spy)
+    for smoothing in (0.15, 0.0):
+        cfg = tiny_config(tmp_path, f"augment.label_smoothing={smoothing}")
+        with pytest.raises(Built):
+            runner.train_run(cfg, out_dir=tmp_path / f"run-{smoothing}", data_dir=str(fake_cifar))
+    assert seen == [0.15, 0.0]
 
 
 def test_same_seed_same_batch_everything_on() -> None:

@@ -18,6 +18,7 @@ from cerberus.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
     all_finite,
+    first_non_finite,
     infer_architecture,
     load_checkpoint,
     pending_sidecar_path,
@@ -185,12 +186,26 @@ def test_non_finite_weights_are_refused_and_nothing_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_all_finite_ignores_integer_buffers():
+def test_all_finite_passes_integer_buffers_and_names_a_non_finite_float_of_any_width():
+    """Integer buffers (BatchNorm's step counters) cannot hold NaN or inf: a state dict with them
+    is finite. A NaN or inf in any floating-point tensor, parameter or buffer, fp32 or half
+    width, is found and named."""
     state = tiny_model().state_dict()
-    assert all_finite(state)
-    state["bn1.weight"] = state["bn1.weight"].clone()
-    state["bn1.weight"][0] = float("-inf")
-    assert not all_finite(state)
+    integers = [name for name, value in state.items() if not value.is_floating_point()]
+    assert integers and all(name.endswith("num_batches_tracked") for name in integers)
+    assert all_finite(state) and first_non_finite(state) is None
+    cases = [
+        ("bn1.weight", torch.float32, float("-inf")),
+        ("layer1.0.bn1.running_var", torch.float32, float("nan")),  # a buffer, not a parameter
+        ("linear.bias", torch.float16, float("inf")),
+        ("linear.weight", torch.bfloat16, float("nan")),
+    ]
+    for name, dtype, bad in cases:
+        broken = dict(state)
+        broken[name] = state[name].to(dtype, copy=True)
+        broken[name].view(-1)[-1] = bad
+        assert first_non_finite(broken) == name and not all_finite(broken)
+    assert all_finite(state)  # the original was not modified
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from cerberus import __version__
@@ -382,11 +381,6 @@ def test_piped_train_output_is_plain_lines(runner: CliRunner, tmp_path: Path, mo
         "best val accuracy 0.4000 at epoch 1",
         "5,266 parameters, 2.0s wall, cpu fp32, peak RSS 300 MB",
     ]  # no progress bar ("epochs 1/1", "steps 0/8")
-
-
-def test_count_params_is_registered() -> None:
-    names = list(typer.main.get_command(app).commands)
-    assert "count-params" in names
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ reading any data; skipped until the command exists).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -56,7 +57,7 @@ class Special:
     expect: str
     overrides: list[str] = field(default_factory=list)
     count_params_refuses: bool = True
-    needs_non_root: bool = False
+    unreadable: bool = False  # chmod 000: root reads it anyway, so root gets the error simulated
 
 
 def _write(name: str, content: str) -> Callable[[Path], Path]:
@@ -90,7 +91,7 @@ SPECIAL = {
     "missing_file": Special(_missing, "missing.toml: no such config file"),
     "folder": Special(_folder, "folder.toml: is a folder, not a config file"),
     "unreadable_file": Special(
-        _unreadable, "unreadable.toml: cannot read the config file (permission denied)", needs_non_root=True
+        _unreadable, "unreadable.toml: cannot read the config file (permission denied)", unreadable=True
     ),
     "set_without_equals": Special(
         _write("base.toml", VALID_BASE),
@@ -137,9 +138,20 @@ SPECIAL = {
 }
 
 
-def _skip_if_root(case: Special) -> None:
-    if case.needs_non_root and hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root can read a chmod 000 file")
+def _make(case: Special, folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``case.make(folder)``; as root (as in CI), which reads a chmod 000 file anyway, reading the
+    unreadable case's file raises the PermissionError a user would get."""
+    path = case.make(folder)
+    if case.unreadable and hasattr(os, "geteuid") and os.geteuid() == 0:
+        denied, read_bytes = path.resolve(), Path.read_bytes
+
+        def refuse(self: Path) -> bytes:
+            if self.resolve() == denied:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return read_bytes(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,11 +177,10 @@ def test_load_config_refuses(path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", SPECIAL)
-def test_load_config_refuses_special(name: str, tmp_path: Path) -> None:
+def test_load_config_refuses_special(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     case = SPECIAL[name]
-    _skip_if_root(case)
     with pytest.raises(ConfigError) as info:
-        load_config(case.make(tmp_path), case.overrides)
+        load_config(_make(case, tmp_path, monkeypatch), case.overrides)
     assert case.expect in str(info.value)
     assert info.value.exit_code == 2
 
@@ -198,10 +209,10 @@ def test_count_params_refuses(path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n, case in SPECIAL.items() if not case.overrides])
-def test_count_params_refuses_special(name: str, tmp_path: Path) -> None:
+def test_count_params_refuses_special(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     case = SPECIAL[name]
-    _skip_if_root(case)
-    assert_refused(CliRunner().invoke(app, ["count-params", str(case.make(tmp_path))]), case.expect)
+    config = _make(case, tmp_path, monkeypatch)
+    assert_refused(CliRunner().invoke(app, ["count-params", str(config)]), case.expect)
 
 
 def files_under(folder: Path) -> set[Path]:
@@ -234,6 +245,5 @@ def test_train_refuses(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize("name", SPECIAL)
 def test_train_refuses_special(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     case = SPECIAL[name]
-    _skip_if_root(case)
-    config = case.make(tmp_path)
+    config = _make(case, tmp_path, monkeypatch)
     assert_refused(run_train(tmp_path, monkeypatch, config, case.overrides), case.expect)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import normalised, randomize_batchnorm_, varied_model
 from typer.testing import CliRunner
 
 from cerberus.arch import Architecture
@@ -41,10 +42,8 @@ def tiny_model(seed: int = 0):
 
 
 def by_hand(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
     with torch.inference_mode():
-        return model((images.float() / 255 - mean_t) / std_t)
+        return model(normalised(images, mean, std))
 
 
 @pytest.fixture
@@ -128,12 +127,7 @@ def test_batchnorm_folding_keeps_a_pooling_model_exact():
     torch.manual_seed(0)
     arch = Architecture(blocks=(1, 1), channels=(8, 16), downsample="pool")
     model = build_model(arch).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(-1.0, 1.0)
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
+    randomize_batchnorm_(model)
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     logits = predict_logits(model, images, mean=CIFAR10_MEAN, std=CIFAR10_STD, placement=CPU)
     torch.testing.assert_close(logits, by_hand(model, images), rtol=1e-5, atol=1e-5)
@@ -456,18 +450,32 @@ def test_write_report_writes_the_plot_and_the_json(tmp_path):
 # The eval command
 
 
-def test_eval_json_on_a_plain_state_dict(weights, fake_cifar, test_set):
-    result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar), "--json"])
+def test_eval_json_on_a_plain_state_dict(tmp_path, fake_cifar, test_set):
+    images, labels = test_set
+    model = varied_model(TINY, normalised(images))
+    weights = tmp_path / "varied.pt"
+    torch.save(model.state_dict(), weights)
+    args = ["eval", str(weights), "--data-dir", str(fake_cifar), "--json", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--precision", "fp32"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("accuracy", "loss", "images", "per_class", "confusion_matrix", "images_per_sec", "views"):
         assert key in report
-    images, labels = test_set
-    correct = (by_hand(tiny_model(), images).argmax(1) == labels).sum().item()
+    # the figures by hand: the model on the images normalised with the documented CIFAR-10 mean/std
+    logits = by_hand(model, images)
+    predicted = logits.argmax(1)
+    assert len(set(predicted.tolist())) > 1  # a model that predicts one class hides preprocessing faults
+    correct = (predicted == labels).sum().item()
     assert report["images"] == len(labels) == 200
+    assert report["correct"] == correct
     assert report["accuracy"] == correct / len(labels)
+    expected_loss = -logits.log_softmax(1).gather(1, labels.long()[:, None]).mean().item()
+    assert report["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert report["source"] == "state_dict" and report["views"] == 1
-    assert sum(map(sum, report["confusion_matrix"])) == 200
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    for true, guess in zip(labels.tolist(), predicted.tolist()):
+        confusion[true, guess] += 1
+    assert report["confusion_matrix"] == confusion.tolist()
     assert [row["support"] for row in report["per_class"]] == torch.bincount(labels, minlength=10).tolist()
 
 

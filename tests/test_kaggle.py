@@ -9,11 +9,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import normalised, varied_model
+from torch import nn
 from typer.testing import CliRunner
 
 from cerberus.arch import Architecture
 from cerberus.cli import app
-from cerberus.config import CIFAR10_MEAN, CIFAR10_STD
 from cerberus.data import CLASSES
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 from cerberus.kaggle import predict_unlabeled, read_unlabeled, write_probabilities, write_submission
@@ -44,11 +45,32 @@ def layout_2025(path, protocol=pickle.DEFAULT_PROTOCOL):
     return write_pickle(path, {b"data": hwc, b"ids": np.arange(100, 100 + N)}, protocol)
 
 
+def kaggle_inputs() -> torch.Tensor:
+    """The Kaggle test images, normalised by hand."""
+    return normalised(images_chw())
+
+
+def by_hand(model: nn.Module, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The model's logits on uint8 images normalised by hand (no Cerberus code on the way)."""
+    with torch.inference_mode():
+        return model(normalised(images))
+
+
+def read_probs(path) -> torch.Tensor:
+    rows = read_csv(path)
+    assert rows[0] == ["ID", *CLASSES]
+    return torch.tensor([[float(p) for p in row[1:]] for row in rows[1:]])
+
+
+# The CLI runs on the CPU in fp32, as the hand-made figures are computed
+FP32 = ["--device", "cpu", "--precision", "fp32"]
+TINY = Architecture(blocks=(1, 1), channels=(8, 16))
+
+
 @pytest.fixture
 def weights(tmp_path):
-    torch.manual_seed(0)
     path = tmp_path / "weights.pt"
-    torch.save(build_model(Architecture(blocks=(1, 1), channels=(8, 16))).state_dict(), path)
+    torch.save(varied_model(TINY, kaggle_inputs()).state_dict(), path)
     return path
 
 
@@ -126,42 +148,75 @@ def test_write_submission_and_probabilities(tmp_path):
 
 
 def test_predict_gives_identical_submissions_for_both_layouts(tmp_path, weights):
+    model = varied_model(TINY, kaggle_inputs())
+    logits = by_hand(model, images_chw())
+    expected_labels = logits.argmax(1).tolist()
+    assert len(set(expected_labels)) > 1  # else any preprocessing would give the same submission
     outputs = []
     for name, writer in (("nolabels.pkl", layout_2024), ("nolabel.pkl", layout_2025)):
-        out = tmp_path / f"{name}.csv"
+        out, probs = tmp_path / f"{name}.csv", tmp_path / f"{name}.probs.csv"
         result = runner.invoke(app, ["predict", str(weights), "--input", str(writer(tmp_path / name)),
-                                     "--output", str(out)])  # fmt: skip
+                                     "--output", str(out), "--probs", str(probs), *FP32])  # fmt: skip
         assert result.exit_code == 0, result.stderr
         assert f"wrote {N} predictions" in result.stdout
         outputs.append(read_csv(out))
+        # the probabilities are the softmax of the model's logits on the normalised images
+        torch.testing.assert_close(read_probs(probs), logits.softmax(1), rtol=0, atol=1e-5)
     assert outputs[0] == outputs[1]
     assert outputs[0][0] == ["ID", "Labels"]
     assert [row[0] for row in outputs[0][1:]] == [str(i) for i in range(100, 100 + N)]
     # the labels are the model's own argmax on the normalised images
-    torch.manual_seed(0)
-    model = build_model(Architecture(blocks=(1, 1), channels=(8, 16))).eval()
-    x = torch.from_numpy(images_chw()).float() / 255
-    x = (x - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    with torch.inference_mode():
-        expected = model(x).argmax(1).tolist()
-    assert [int(row[1]) for row in outputs[0][1:]] == expected
+    assert [int(row[1]) for row in outputs[0][1:]] == expected_labels
+
+
+def tta_logits_by_hand(model: nn.Module, images: np.ndarray) -> torch.Tensor:
+    """The documented 6-view average of logits: the image and its mirror 1/4 each, and both moved
+    1 pixel up-left and 1 pixel down-right (borders reflected) 1/8 each."""
+    image = torch.from_numpy(images)
+    mirror = image.flip(3)
+    # moved up-left: pixel (i, j) shows (i + 1, j + 1); the last row/column reflects back to 30
+    up_left = [*range(1, 32), 30]
+    # moved down-right: pixel (i, j) shows (i - 1, j - 1); the first row/column reflects to 1
+    down_right = [1, *range(0, 31)]
+    views = [(image, 1 / 4), (mirror, 1 / 4)]
+    for index in (up_left, down_right):
+        for view in (image, mirror):
+            views.append((view[:, :, index][:, :, :, index], 1 / 8))
+    return sum(weight * by_hand(model, view) for view, weight in views)
 
 
 def test_predict_json_probabilities_and_tta(tmp_path, weights):
     source = layout_2025(tmp_path / "nolabel.pkl")
-    out, probs = tmp_path / "sub.csv", tmp_path / "probs.csv"
-    args = ["predict", str(weights), "--input", str(source), "--output", str(out), "--probs", str(probs)]
-    result = runner.invoke(app, [*args, "--tta", "--json"])
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["images"] == N and report["layout"] == "hwc" and report["views"] == 6
+    model = varied_model(TINY, kaggle_inputs())
+    reports, probabilities, submissions = {}, {}, {}
+    for flag in ("--tta", "--no-tta"):
+        out, probs = tmp_path / f"sub{flag}.csv", tmp_path / f"probs{flag}.csv"
+        args = ["predict", str(weights), "--input", str(source), "--output", str(out), "--probs", str(probs)]
+        result = runner.invoke(app, [*args, flag, "--json", *FP32])
+        assert result.exit_code == 0, result.stderr
+        reports[flag] = json.loads(result.stdout)
+        rows = read_csv(probs)
+        assert len(rows) == N + 1 and [row[0] for row in rows[1:]] == [str(i) for i in range(100, 100 + N)]
+        probabilities[flag] = read_probs(probs)
+        submissions[flag] = [int(row[1]) for row in read_csv(out)[1:]]
+        assert submissions[flag] == probabilities[flag].argmax(1).tolist()
+    report = reports["--tta"]
+    assert report["images"] == N and report["layout"] == "hwc" and report["views"] == 6 and report["tta"]
+    assert reports["--no-tta"]["views"] == 1 and not reports["--no-tta"]["tta"]
     assert sum(report["predicted_counts"].values()) == N
-    rows = read_csv(probs)
-    assert rows[0] == ["ID", *CLASSES]
-    assert len(rows) == N + 1
-    assert all(abs(sum(map(float, row[1:])) - 1) < 1e-5 for row in rows[1:])
-    labels = [int(row[1]) for row in read_csv(out)[1:]]
-    assert labels == [int(np.argmax([float(p) for p in row[1:]])) for row in rows[1:]]
+    assert report["predicted_counts"] == {
+        name: submissions["--tta"].count(c) for c, name in enumerate(CLASSES)
+    }
+    assert torch.allclose(probabilities["--tta"].sum(1), torch.ones(N), atol=1e-5)
+    # the TTA probabilities are the softmax of the documented weighted average of the views' logits
+    expected = tta_logits_by_hand(model, images_chw()).softmax(1)
+    assert len(set(expected.argmax(1).tolist())) > 1
+    torch.testing.assert_close(probabilities["--tta"], expected, rtol=0, atol=1e-5)
+    assert submissions["--tta"] == expected.argmax(1).tolist()
+    plain = by_hand(model, images_chw()).softmax(1)
+    torch.testing.assert_close(probabilities["--no-tta"], plain, rtol=0, atol=1e-5)
+    # and TTA changes them: a test that cannot tell the two apart tests no TTA at all
+    assert (probabilities["--tta"] - probabilities["--no-tta"]).abs().max() > 0.01
 
 
 def bad_inputs(tmp_path) -> list[tuple[object, str]]:
@@ -189,13 +244,15 @@ def test_each_bad_input_gets_its_own_message(tmp_path, weights):
             path.write_bytes(content)
         else:
             write_pickle(path, content)
-        result = runner.invoke(app, ["predict", str(weights), "--input", str(path), "--output", "x.csv"])
+        out, probs = tmp_path / "x.csv", tmp_path / "p.csv"  # absolute: a relative name would land in the cwd
+        result = runner.invoke(app, ["predict", str(weights), "--input", str(path), "--output", str(out),
+                                     "--probs", str(probs)])  # fmt: skip
         assert result.exit_code == 1, message
         assert result.stderr.startswith("Error: "), result.stderr
         assert message in result.stderr, result.stderr
         assert "Traceback" not in result.output
+        assert not out.exists() and not probs.exists(), message
     assert not (tmp_path / "MARKER").exists()
-    assert not (tmp_path / "x.csv").exists()
 
 
 def test_predict_checks_the_model_and_the_output_before_the_input(tmp_path, weights):
@@ -273,37 +330,41 @@ def test_an_output_under_a_file_says_so(tmp_path, weights):
 
 def test_predict_flag_errors(tmp_path, weights):
     source = layout_2024(tmp_path / "t.pkl")
-    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", "o.csv",
+    out = tmp_path / "o.csv"  # absolute: a relative name would land in the cwd, not under tmp_path
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", str(out),
                                  "--layout", "nhwc"])  # fmt: skip
     assert result.exit_code == 2
     assert result.stderr == "Error: --layout: choose chw or hwc, got 'nhwc'\n"
+    assert not out.exists()
     result = runner.invoke(app, ["predict", str(weights), "--input", str(tmp_path / "nope.pkl"),
-                                 "--output", "o.csv"])  # fmt: skip
+                                 "--output", str(out)])  # fmt: skip
     assert result.exit_code == 1
     assert result.stderr == f"Error: {tmp_path / 'nope.pkl'}: no such file\n"
+    assert not out.exists()
 
 
 def test_predict_takes_the_design_of_a_plain_state_dict_from_flags(tmp_path, monkeypatch):
     """Every stage widens, so strided and pooling designs have the same tensors: the flag decides."""
-    torch.manual_seed(0)
-    arch = Architecture(blocks=(1, 1), channels=(8, 16), downsample="pool")
-    model = build_model(arch).eval()
+    model = varied_model(Architecture(blocks=(1, 1), channels=(8, 16), downsample="pool"), kaggle_inputs())
     weights = tmp_path / "pool.pt"
     torch.save(model.state_dict(), weights)
+    logits = by_hand(model, images_chw())
+    expected_labels = logits.argmax(1).tolist()
+    assert len(set(expected_labels)) > 1
     source = layout_2024(tmp_path / "t.pkl")
     monkeypatch.chdir(tmp_path)  # --output defaults to submission.csv here
-    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--downsample", "pool"])
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--downsample", "pool",
+                                 "--probs", "p.csv", *FP32])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
-    x = torch.from_numpy(images_chw()).float() / 255
-    x = (x - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    with torch.inference_mode():
-        expected = model(x).argmax(1).tolist()
-    assert [int(row[1]) for row in read_csv(tmp_path / "submission.csv")[1:]] == expected
+    assert [int(row[1]) for row in read_csv(tmp_path / "submission.csv")[1:]] == expected_labels
+    torch.testing.assert_close(read_probs(tmp_path / "p.csv"), logits.softmax(1), rtol=0, atol=1e-5)
     # without the flag the weights are read as strided, and a note says so
-    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", "s.csv"])
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", "s.csv", *FP32])
     assert result.exit_code == 0, result.stderr
     assert "read as strided; if they were trained with downsample = 'pool'" in result.stderr
+    # the other design predicts otherwise: the labels above show which design was run
+    assert [int(row[1]) for row in read_csv(tmp_path / "s.csv")[1:]] != expected_labels
     result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--blocks", "2", "1"])
     assert result.exit_code == 2
     assert result.stderr == "Error: --blocks: the weights have blocks [1, 1], not [2, 1]\n"

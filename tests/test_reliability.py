@@ -257,8 +257,8 @@ def test_signal_then_resume_equals_an_uninterrupted_run(
     (stopped,) = [e for e in proc.events if e["event"] == "interrupted"]
     if moment == "mid-epoch":
         assert stopped["epoch"] == 0 and 0 < stopped["step"] < STEPS, stopped
-    else:
-        assert (stopped["epoch"], stopped["step"]) == (1, 0), stopped
+    else:  # (1, 0) unless this process stalled past the plot; in-process tests pin the boundary
+        assert stopped["epoch"] == 1 and 0 <= stopped["step"] < STEPS, stopped
     ckpt = load_checkpoint(run / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (stopped["epoch"], stopped["step"])
 
@@ -484,7 +484,7 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, fake_cifar, confi
     result = invoke("train", *train_args(config_file, fake_cifar, run, *overrides), "--quiet")
     stderr = assert_clean_error(result)
     assert "non-finite at epoch" in stderr and "lower train.lr" in stderr, stderr
-    assert "the last good checkpoint was kept" in stderr
+    assert stderr.count("the last good checkpoint was kept") == 1, stderr
     epoch, step = map(int, re.search(r"at epoch (\d+), step (\d+)", stderr).groups())
     assert step > 1  # checkpoints were written before it diverged
     ckpt = load_checkpoint(run / "last.pt")
