@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,22 +18,29 @@ from cerberus.config import (
 )
 from cerberus.errors import BudgetError, ConfigError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 RESNET18_SET = ["model.blocks=[2, 2, 2, 2]", "model.channels=[64, 128, 256, 512]"]
 BUDGET_MESSAGE = "model has 11,173,962 parameters, over the 5,000,000 budget by 6,173,962"
 
 FULL_TOML = """\
-name = "wide-k3"
+name = "wide-k5"
 seed = 7
 
 [model]
 blocks = [2, 3, 2]
 channels = [48, 96, 192]
-conv_kernel = 3
+conv_kernel = 5
 skip_kernel = 3
 pool_size = 4
 stem_channels = 32
-num_classes = 10
-max_params = 4_000_000
+num_classes = 100
+downsample = "pool"
+stem_kernel = 5
+max_params = 6_000_000
 
 [data]
 root = "/tmp/cifar"
@@ -48,6 +56,7 @@ std = [0.25, 0.25, 0.25]
 [augment]
 crop_padding = 2
 crop_mode = "reflect"
+crop_sizes = [24, 28]
 flip = false
 rotation = 10.0
 cutout_size = 8
@@ -61,10 +70,12 @@ label_smoothing = 0.1
 epochs = 40
 batch_size = 256
 eval_batch_size = 500
-optimizer = "adamw"
+optimizer = "muon"
 lr = 0.002
+muon_lr = 0.02
+muon_momentum = 0.7
 momentum = 0.85
-nesterov = false
+nesterov = true
 weight_decay = 0.05
 decay_bn_and_bias = false
 schedule = "seed"
@@ -75,6 +86,9 @@ t_max = 35
 min_lr = 1e-5
 onecycle_peak = 0.3
 ema_decay = 0.999
+prune_ratio = 0.3
+prune_until = 0.5
+whiten_stem = true
 grad_clip = 5.0
 precision = "bf16"
 device = "cpu"
@@ -82,8 +96,10 @@ channels_last = true
 compile = true
 threads = 2
 sync_bn = true
+test_tta = true
 test_every_epoch = true
 checkpoint_every = 100
+save_every_epochs = 2
 """
 
 
@@ -110,21 +126,62 @@ def test_defaults_load() -> None:
     assert config.data.val_size == 5000
 
 
+# Fields FULL_TOML leaves at their defaults: their other values conflict with the file's.
+FULL_TOML_UNSET = {"augment.flip_mode"}  # "alternate" needs flip = true, the default
+
+
+def same_value(loaded: object, written: object) -> bool:
+    """Equal as config values: lists and tuples alike, an int equal to a float, but never a bool
+    equal to a number."""
+    if isinstance(loaded, list | tuple) or isinstance(written, list | tuple):
+        return (
+            isinstance(loaded, list | tuple)
+            and isinstance(written, list | tuple)
+            and len(loaded) == len(written)
+            and all(same_value(a, b) for a, b in zip(loaded, written, strict=True))
+        )
+    if isinstance(loaded, bool) or isinstance(written, bool):
+        return type(loaded) is type(written) and loaded == written
+    if isinstance(loaded, int | float) and isinstance(written, int | float):
+        return float(loaded) == float(written)
+    return type(loaded) is type(written) and loaded == written
+
+
 def test_full_config_loads_every_value(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL_TOML))
-    assert config.name == "wide-k3"
-    assert config.seed == 7
+    written = tomllib.loads(FULL_TOML)
+    loaded = config.to_dict()
+    defaults = ExperimentConfig().model_dump(mode="json")
+    for key, value in written.items():
+        sections = value if isinstance(value, dict) else {None: value}
+        for field, setting in sections.items():
+            where = key if field is None else f"{key}.{field}"
+            got = loaded[key] if field is None else loaded[key][field]
+            default = defaults[key] if field is None else defaults[key][field]
+            assert same_value(got, setting), f"{where}: loaded {got!r}, the file says {setting!r}"
+            # a value dropped on loading cannot hide behind its default
+            assert not same_value(default, setting), f"{where}: the file sets the default {default!r}"
+    # The file sets every field but the few listed: each of them is checked above.
+    unset = {
+        f"{key}.{field}"
+        for key, section in defaults.items()
+        if isinstance(section, dict)
+        for field in section
+        if field not in written.get(key, {})
+    }
+    assert unset == FULL_TOML_UNSET
+    assert {k for k, v in defaults.items() if not isinstance(v, dict)} <= set(written)
     assert config.model.architecture() == Architecture(
-        blocks=(2, 3, 2), channels=(48, 96, 192), skip_kernel=3, pool_size=4, stem_channels=32
+        blocks=(2, 3, 2),
+        channels=(48, 96, 192),
+        conv_kernel=5,
+        skip_kernel=3,
+        pool_size=4,
+        stem_channels=32,
+        num_classes=100,
+        downsample="pool",
+        stem_kernel=5,
     )
-    assert config.data.download is False
-    assert config.data.train_subset == 20_000
-    assert config.augment.crop_mode == "reflect"
-    assert config.train.optimizer == "adamw"
-    assert config.train.milestones == [20, 30]
-    assert config.train.min_lr == 1e-5
-    assert config.train.precision == "bf16"
-    assert config.train.channels_last is True
 
 
 def test_full_config_round_trips_through_toml(tmp_path: Path) -> None:
@@ -214,10 +271,10 @@ def test_override_through_a_value_is_refused() -> None:
 
 def test_overrides_apply_on_top_of_a_file(tmp_path: Path) -> None:
     path = write(tmp_path, FULL_TOML)
-    config = load_config(path, ["train.epochs=5", "train.warmup_epochs=0", "model.pool_size=1"])
+    config = load_config(path, ["train.epochs=5", "train.warmup_epochs=0", "model.num_classes=10"])
     assert config.train.epochs == 5
-    assert config.model.pool_size == 1
-    assert config.train.optimizer == "adamw"  # the rest of the file stays
+    assert config.model.num_classes == 10
+    assert config.train.optimizer == "muon"  # the rest of the file stays
 
 
 def test_overrides_on_the_defaults() -> None:

@@ -142,6 +142,7 @@ def test_eval_of_the_2_process_checkpoint_reproduces_its_test_accuracy(two_proce
     summary = json.loads((out / "summary.json").read_text())
     assert report["images"] == summary["test_images"] == 200
     assert report["accuracy"] == summary["test_accuracy"]
+    assert report["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -255,8 +256,11 @@ def test_a_single_process_context_has_nothing_to_agree_on(monkeypatch, tmp_path)
 def test_sync_batchnorm_keeps_batchnorm_names_in_checkpoints(tmp_path):
     arch = tiny_config(tmp_path).model.architecture()
     plain = build_model(arch)
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model(arch))
+    # Two CUDA ranks, as train.sync_bn needs; converting touches neither the device nor a process group.
+    ctx = DistContext(rank=0, world_size=2, device=torch.device("cuda"))
+    synced = ctx.convert_sync_bn(build_model(arch))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in synced.modules())
     assert list(synced.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(synced.state_dict(), strict=True)
 

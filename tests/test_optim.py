@@ -236,3 +236,16 @@ def test_a_tall_filter_bank_steps_by_the_formula(nesterov):
             update.reshape(16, 8)
         ).view_as(w)
     torch.testing.assert_close(p.detach(), expected)
+
+
+def test_build_optimizer_gives_adamw_its_betas_and_decays_only_matrices_and_filters():
+    model = build_model(Architecture(blocks=(1,), channels=(8,)))
+    cfg = TrainConfig(optimizer="adamw", lr=0.002, momentum=0.85, weight_decay=0.05, decay_bn_and_bias=False)
+    opt = build_optimizer(model, cfg)
+    assert type(opt) is torch.optim.AdamW
+    assert [(g["weight_decay"], g["betas"], g["lr"], len(g["params"])) for g in opt.param_groups] == [
+        (0.05, (0.85, 0.999), 0.002, 4),  # three conv filter banks and the classifier's matrix
+        (0.0, (0.85, 0.999), 0.002, 7),  # BatchNorm weights and biases, the classifier's bias
+    ]
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+    assert all(p.ndim == 1 for p in opt.param_groups[1]["params"])

@@ -102,13 +102,25 @@ def test_two_ranks_merged_hold_the_scores_one_process_would():
 
 
 def test_the_state_round_trips_scores_and_the_plan_in_progress():
+    # Mid-epoch, as at a checkpoint: epoch 1 was planned, then its first 5 steps' losses (2 to 3,
+    # above every other score) were merged, so a plan made from these scores would differ.
     p = scored(pruner(), torch.linspace(0, 1, 100))
     p.plan(1)
+    p.record(p.order[:40], torch.linspace(2, 3, 40))
+    p.merge()
+    replanned = scored(pruner(), p.scores)
+    replanned.plan(1)
+    assert not torch.equal(replanned.order, p.order) and not torch.equal(replanned.weights, p.weights)
+
     q = pruner()
     q.load_state_dict(p.state_dict())
-    q.plan(1)  # already planned: kept as loaded, even though the scores are the same anyway
-    assert torch.equal(q.order, p.order) and torch.equal(q.weights, p.weights)
-    assert q.skipped == p.skipped and torch.equal(q.scores, p.scores)
+    assert q.epoch == 1 and torch.equal(q.scores, p.scores)
+    # A resumed run's trainer walks the rest of the epoch as planned: the saved order and weights.
+    trainer = bare_trainer(torch.zeros(100, 3, 32, 32, dtype=torch.uint8), 8, pruner=q)
+    assert trainer.steps_in(1) == -(-(100 - p.skipped) // 8)
+    drawn = torch.cat([trainer.batch_indices(1, s) for s in range(trainer.steps_in(1))])
+    assert torch.equal(drawn, p.order) and torch.equal(q.weights, p.weights)
+    assert q.skipped == p.skipped == 24
     with pytest.raises(ValueError, match="one per training image"):
         pruner(n=99).load_state_dict(p.state_dict())
 

@@ -92,14 +92,15 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path, fake_cifar):
 def test_a_muon_run_reports_the_muon_rate_beside_the_sgd_rate(tmp_path, fake_cifar):
     config = write_config(tmp_path)
     out = tmp_path / "run"
-    sets = ["train.epochs=1", "train.optimizer=muon", "train.muon_lr=0.02"]  # 0.4x the SGD lr
+    # 0.4x the SGD lr; a constant schedule, so that the epoch's last rate is not cosine's 0
+    sets = ["train.epochs=1", "train.optimizer=muon", "train.muon_lr=0.02", "train.schedule=constant"]
     result = CliRunner().invoke(
         app,
         ["train", str(config), "--data-dir", str(fake_cifar), "--out", str(out), "--quiet", "--set", *sets],
     )
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines()]
-    assert line["muon_lr"] == pytest.approx(0.4 * line["lr"])
+    assert line["lr"] == pytest.approx(0.05) and line["muon_lr"] == pytest.approx(0.02)
     assert f"lr {line['lr']:.4g} (muon {line['muon_lr']:.4g})" in result.output
     steps = []
     train_run(
@@ -109,7 +110,7 @@ def test_a_muon_run_reports_the_muon_rate_beside_the_sgd_rate(tmp_path, fake_cif
         evaluate_test=False,
         on_event=lambda e: steps.append(e) if e["event"] == "step" else None,
     )
-    assert steps and all(e["muon_lr"] == pytest.approx(0.4 * e["lr"]) for e in steps)
+    assert steps and all((e["lr"], e["muon_lr"]) == pytest.approx((0.05, 0.02)) for e in steps)
 
 
 def test_same_seed_gives_bitwise_identical_weights(tmp_path, fake_cifar):
@@ -190,7 +191,13 @@ def test_over_budget_is_refused_before_any_data_is_read(tmp_path):
 
 def test_val_size_zero_trains_on_everything_and_best_is_last(tmp_path, fake_cifar):
     cfg = tiny_config(tmp_path, "data.val_size=0", "train.epochs=2")
-    result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    events = []
+    result = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), on_event=events.append)
+    (start,) = [e for e in events if e["event"] == "start"]
+    assert (start["train_images"], start["val_images"], start["steps_per_epoch"]) == (500, 0, 8)
+    # every one of the 500 images, in ceil(500 / 64) = 8 steps an epoch (400 would take 7)
+    steps = [(e["epoch"], e["step"]) for e in events if e["event"] == "step"]
+    assert steps == [(epoch, step) for epoch in (1, 2) for step in range(1, 9)]
     assert result.summary["best_epoch"] == 2
     assert result.summary["best_val_accuracy"] is None
     assert_bitwise_equal(weights(result.out_dir / "best.pt"), weights(result.out_dir / "last.pt"))
@@ -457,9 +464,10 @@ def test_a_model_whose_outputs_do_not_match_the_classes_is_refused_before_writin
 
 def test_checkpoints_record_what_exact_resume_depends_on(tmp_path, fake_cifar):
     cfg = tiny_config(tmp_path, "train.epochs=1")
+    torch.set_num_threads(2)  # not the 1 of the autouse fixture, which restores the count afterwards
     run = train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar), evaluate_test=False)
     last = torch.load(run.out_dir / "last.pt", weights_only=True)
-    assert last["threads"] == torch.get_num_threads()
+    assert last["threads"] == 2  # train.threads = 0: the count the run trained with
     assert last["world_size"] == 1
     assert (last["role"], last["weights"], last["epoch"], last["step"]) == ("last", "model", 1, 0)
     assert last["elapsed_seconds"] > 0
