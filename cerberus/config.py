@@ -234,8 +234,8 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(default=1000, gt=0, description="Images per evaluation batch.")
     optimizer: Literal["sgd", "adamw", "muon"] = Field(
         default="sgd",
-        description="Optimizer. muon: Muon steps (orthogonalised momentum) for the conv filters, "
-        "SGD with lr, momentum, nesterov and weight_decay for everything else.",
+        description="sgd, adamw or muon. muon: Muon steps (orthogonalised momentum) for the conv "
+        "filters, SGD with lr, momentum, nesterov and weight_decay for everything else.",
     )
     lr: float = Field(default=0.1, gt=0, description="Peak learning rate (per step).")
     muon_lr: float = Field(
@@ -463,7 +463,13 @@ def format_validation_error(err: ValidationError, set_by: dict[str, str] | None 
         msg = msg.removeprefix("Value error, ")
         line = f"{loc}: {msg}" if loc else msg
         origin = _set_origin(loc, item["type"] == "extra_forbidden", set_by or {})
-        lines.append(f"{line} (from --set {origin})" if origin else line)
+        if origin:
+            line = f"{line} (from --set {origin})"
+        elif item["type"] == "value_error":  # a check across a section's fields: name the --set in it
+            inside = [text for key, text in (set_by or {}).items() if not loc or key.startswith(f"{loc}.")]
+            if inside:
+                line = f"{line} (with {', '.join(f'--set {text}' for text in inside)})"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -508,6 +514,18 @@ def override_keys(overrides: list[str]) -> dict[str, str]:
     return {".".join(parse_override(text)[0]): text for text in overrides}
 
 
+def _is_search_space(err: ValidationError, data: dict[str, Any]) -> bool:
+    """Whether the refused data is a ``cerberus search`` space: unknown top-level keys only, all
+    of them a search space's, some of them a search space's alone (``blocks`` and ``channels``
+    without a ``[model]`` header are a config that lost its header)."""
+    from cerberus.search.space import SearchSpace
+
+    errors = err.errors()
+    top = all(item["type"] == "extra_forbidden" and len(item["loc"]) == 1 for item in errors)
+    space = set(SearchSpace.model_fields)
+    return top and set(data) <= space and bool(set(data) - set(ModelConfig.model_fields))
+
+
 def config_from_dict(
     data: dict[str, Any],
     *,
@@ -531,6 +549,11 @@ def config_from_dict(
         context = {"stored": stored, "model_replaced": model_replaced}
         config = ExperimentConfig.model_validate(data, strict=True, context=context)
     except ValidationError as err:
+        if _is_search_space(err, data):
+            raise ConfigError(
+                f"{source}: this is a search space, not an experiment config: "
+                f"explore it with `cerberus search {source}`"
+            ) from None
         raise ConfigError(f"{source}: invalid config\n{format_validation_error(err, set_by)}") from None
     if not enforce_budget:
         return config
@@ -541,23 +564,23 @@ def config_from_dict(
     return config
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; errors name the file and the line."""
+def read_toml(path: str | Path, kind: str = "config") -> dict[str, Any]:
+    """Parse a TOML file; errors name the file (a ``kind`` file: "config", "search space") and the line."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such {kind} file") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
+        raise ConfigError(f"{path}: is a folder, not a {kind} file") from None
     except PermissionError:
-        raise ConfigError(f"{path}: cannot read the config file (permission denied)") from None
+        raise ConfigError(f"{path}: cannot read the {kind} file (permission denied)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (expected UTF-8 TOML)") from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+        raise ConfigError(f"{path}: cannot read the {kind} file ({err.strerror})") from None
     if not text.strip():
-        raise ConfigError(f"{path}: the config file is empty")
+        raise ConfigError(f"{path}: the {kind} file is empty")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -632,7 +632,7 @@ class Run:
             "best_val_accuracy": self.best_val,
             "test_accuracy": None,
             "test_loss": None,
-            "test_images": len(self.splits.test_labels),
+            "test_images": len(self.splits.test_labels) if evaluate_test else 0,  # images evaluated
             "test_tta": self.config.train.test_tta,
         }
         if evaluate_test and len(self.splits.test_labels):

@@ -123,6 +123,12 @@ SPECIAL = {
         overrides=["train.epochs=abc"],
         count_params_refuses=False,
     ),
+    "set_breaks_a_cross_field_rule": Special(  # the file's nesterov = true is fine with sgd
+        _write("base.toml", VALID_BASE + "nesterov = true\n"),
+        "train: nesterov applies to the sgd and muon optimizers only (with --set train.optimizer=adamw)",
+        overrides=["train.optimizer=adamw"],
+        count_params_refuses=False,
+    ),
     "set_into_a_value": Special(
         _write("base.toml", VALID_BASE),
         "--set 'train.epochs.max=3': 'epochs' is not a section",

@@ -134,6 +134,22 @@ def test_space_file_errors_name_the_file(tmp_path) -> None:
         load_space(path)
 
 
+def test_space_file_read_errors_say_it_is_the_search_space_file(tmp_path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_space(tmp_path / "nonexist.toml")
+    assert str(err.value) == f"{tmp_path / 'nonexist.toml'}: no such search space file"
+    with pytest.raises(ConfigError, match="is a folder, not a search space file"):
+        load_space(tmp_path)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="the search space file is empty"):
+        load_space(empty)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("stages = [3\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml(:\d+)?: TOML syntax error"):
+        load_space(broken)
+
+
 def test_example_space_file_loads() -> None:
     space = load_space(REPO / "configs" / "search-space.toml")
     assert count_designs(space) == 2_515_968
@@ -328,6 +344,16 @@ def test_cli_json(tmp_path) -> None:
     assert "configs" not in plain  # nothing was asked to be written
 
 
+def test_cli_counts_are_singular_for_one(tmp_path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [1]\nblocks = [1, 1]\nbase_width = [8]\nstem_kernel = [3]\n")
+    result = invoke(str(space), "--max-params", "10000", "--write-configs", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "Top 1 of 1 design within the 10,000-parameter budget" in result.stdout
+    assert "1 design counted in" in result.stdout and "1 designs" not in result.stdout
+    assert f"wrote 1 train config to {tmp_path / 'out'}/" in " ".join(result.stdout.split())
+
+
 def test_a_long_count_says_so_when_no_progress_bar_can_show(tmp_path) -> None:
     space = tmp_path / "space.toml"
     space.write_text("stages = [4]\nblocks = [1, 50]\nbase_width = [8]\n")  # 50**4 designs
@@ -370,7 +396,8 @@ def test_cli_table() -> None:
         (["--top", "-1"], "--top: must be 0 or more"),
         (["--trials", "1", "--seed", "-1"], "--seed: must be in 0..4294967295 (Optuna's sampler), got -1"),
         (["--trials", "1", "--seed", str(2**32)], "--seed: must be in 0..4294967295"),
-        (["missing.toml"], "missing.toml: no such config file"),
+        (["missing.toml"], "missing.toml: no such search space file"),
+        (["missing.toml", "--trials", "0"], "missing.toml: no such search space file"),
         (["--trials", "1", "--sort", "macs"], "--sort only applies to enumeration: drop --trials"),
         (["--config", "missing.toml"], "missing.toml: no such config file"),
     ],
@@ -712,6 +739,54 @@ def test_cli_refuses_another_trial_recipe(tmp_path, monkeypatch) -> None:
     assert "was trained with another trial config (train.epochs = 1 in the study, 2 now)" in result.stderr
     assert "Traceback" not in result.output
     assert invoke(*args, "--set", "train.epochs=1").exit_code == 0
+
+
+def test_listing_a_study_that_does_not_exist_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--trials", "0")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: no study named 'default' in sqlite:///")
+    assert list(tmp_path.iterdir()) == []  # no runs/search-default/study.db, nor its lock
+    result = invoke("--trials", "0", "--out", "s", "--storage", "sqlite:///elsewhere/x.db")
+    assert result.exit_code == 2 and "no study named 'default'" in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="no study named 'default'"):
+        trials(tmp_path, FakeTrainer(), n=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_of_another_storage_is_listed_into_a_new_search_folder(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    trials(tmp_path, FakeTrainer(), n=1, storage=storage)
+    report, _ = trials(tmp_path / "elsewhere", FakeTrainer(), n=0, storage=storage)
+    assert len(report.leaderboard) == 1
+    assert (tmp_path / "elsewhere" / "search" / "leaderboard.json").exists()
+    with pytest.raises(ConfigError, match="no study named 'other'"):  # the file exists, the study not
+        trials(tmp_path / "third", FakeTrainer(), n=0, storage=storage, study_name="other")
+    assert not (tmp_path / "third").exists()
+
+
+def test_cli_says_how_many_trials_the_study_holds(tmp_path, monkeypatch) -> None:
+    import cerberus.runner
+
+    monkeypatch.setattr(cerberus.runner, "train_run", FakeTrainer())
+    args = [
+        "--max-params",
+        "100000",
+        "--trials",
+        "1",
+        "--out",
+        str(tmp_path / "s"),
+        "--set",
+        "train.epochs=1",
+    ]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "0 trials so far; running 1 more" in first.stderr
+    second = invoke(*args)
+    assert second.exit_code == 0, second.output
+    assert "1 trial so far; running 1 more" in second.stderr
+    assert "Leaderboard of study 'default' (2 trials)" in second.stdout
 
 
 def test_ctrl_c_stops_cleanly_and_the_study_continues(tmp_path) -> None:

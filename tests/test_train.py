@@ -81,6 +81,7 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path, fake_cifar):
     assert summary["world_size"] == 1
     # Synthetic classes differ in colour and stripes: three epochs clear chance (0.1) widely.
     assert summary["test_accuracy"] > 0.5
+    assert summary["test_images"] == 200  # the fake test set, all of it evaluated
     assert summary["best_epoch"] in (1, 2, 3)
     assert "test accuracy" in result.output
     # The resolved config is the experiment, with the data folder it used filled in.
@@ -118,6 +119,9 @@ def test_same_seed_gives_bitwise_identical_weights(tmp_path, fake_cifar):
     a = train_run(cfg, out_dir=tmp_path / "a", data_dir=str(fake_cifar), evaluate_test=False)
     b = train_run(cfg, out_dir=tmp_path / "b", data_dir=str(fake_cifar), evaluate_test=False)
     assert_bitwise_equal(weights(a.out_dir / "last.pt"), weights(b.out_dir / "last.pt"))
+    # the test set was never evaluated: the summary counts no test images, as it has no accuracy
+    summary = json.loads((a.out_dir / "summary.json").read_text())
+    assert (summary["test_accuracy"], summary["test_loss"], summary["test_images"]) == (None, None, 0)
     c = train_run(
         tiny_config(tmp_path, "train.epochs=1", "seed=4"),
         out_dir=tmp_path / "c",

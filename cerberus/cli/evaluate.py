@@ -27,7 +27,14 @@ TrustPickle = Annotated[
         "This can run arbitrary code: only for files you trust.",
     ),
 ]
-NoEma = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights even where EMA weights exist.")]
+NoEma = Annotated[
+    bool,
+    typer.Option(
+        "--no-ema",
+        help="Use the raw weights even where EMA weights exist (last.pt holds both; best.pt of an EMA "
+        "run holds only the EMA weights).",
+    ),
+]
 Tta = Annotated[
     bool | None,
     typer.Option(

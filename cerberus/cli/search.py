@@ -30,6 +30,11 @@ class PrunerChoice(str, Enum):
     none = "none"
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, singular for 1: "1 trial", "2,000 designs"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 # --------------------------------------------------------------------------------------------
 # Enumeration
 
@@ -39,7 +44,7 @@ def candidates_table(enumeration):
 
     shown = len(enumeration.candidates)
     table = Table(
-        title=f"Top {shown} of {enumeration.within_budget:,} designs within the "
+        title=f"Top {shown} of {count(enumeration.within_budget, 'design')} within the "
         f"{enumeration.max_params:,}-parameter budget (by {enumeration.sort})",
         title_justify="left",
     )
@@ -102,11 +107,11 @@ def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
         out.print(candidates_table(enumeration))
     rate = enumeration.total / max(enumeration.seconds, 1e-9)
     out.print(
-        f"{enumeration.total:,} designs counted in {enumeration.seconds:.2f}s ({rate:,.0f}/s); "
+        f"{count(enumeration.total, 'design')} counted in {enumeration.seconds:.2f}s ({rate:,.0f}/s); "
         f"{enumeration.within_budget:,} within the {enumeration.max_params:,}-parameter budget"
     )
     if paths:
-        out.print(f"wrote {len(paths)} train configs to {write_dir}/")
+        out.print(f"wrote {count(len(paths), 'train config')} to {write_dir}/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ class TrialsDisplay:
 
     def on_study(self, e: dict[str, Any]) -> None:
         self.console.print(
-            f"study [bold]{e['study']}[/] ({e['storage']}): {e['existing_trials']} trials so far; "
+            f"study [bold]{e['study']}[/] ({e['storage']}): {count(e['existing_trials'], 'trial')} so far; "
             f"running {e['trials']} more"
         )
         self.progress.start()
@@ -213,8 +218,7 @@ def trials_table(records, title: str, limit: int | None = None):
 def show_results(result) -> None:
     out = console()
     limit = 20
-    n = len(result.leaderboard)
-    title = f"Leaderboard of study {result.study!r} ({n} trial{'' if n == 1 else 's'})"
+    title = f"Leaderboard of study {result.study!r} ({count(len(result.leaderboard), 'trial')})"
     out.print(trials_table(result.leaderboard, title, limit))
     if len(result.leaderboard) > limit:
         out.print(f"... {len(result.leaderboard) - limit} more in {result.out_dir / 'leaderboard.json'}")
@@ -253,7 +257,9 @@ def run_search_trials(space, *, as_json: bool, trials: int, **kwargs) -> None:
     if trials and not result.trials_trained:  # never a silent success that trained nothing
         raise fail(f"no trial trained: {result.stopped}", 1)
     if result.stopped:
-        typer.echo(f"Trained {result.trials_trained} of {trials} trials: {result.stopped}.", err=True)
+        typer.echo(
+            f"Trained {result.trials_trained} of {count(trials, 'trial')}: {result.stopped}.", err=True
+        )
 
 
 # --------------------------------------------------------------------------------------------

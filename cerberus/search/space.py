@@ -230,4 +230,4 @@ def load_space(path: str | Path | None = None) -> SearchSpace:
     """Read a search space from TOML; ``None`` gives the default space."""
     if path is None:
         return SearchSpace()
-    return space_from_dict(read_toml(path), source=str(path))
+    return space_from_dict(read_toml(path, kind="search space"), source=str(path))

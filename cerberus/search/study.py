@@ -81,6 +81,22 @@ def _creation_lock(url: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _sqlite_file_missing(url: str) -> bool:
+    """Whether ``url`` names an SQLite file that does not exist (opening it would create it)."""
+    if not url.startswith("sqlite"):
+        return False
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # a bad URL: opening the storage says so
+        return False
+    database = parsed.database
+    if not database or database == ":memory:" or parsed.query.get("uri"):
+        return False
+    return not Path(database).exists()
+
+
 def _open_storage(url: str):
     import optuna
     import sqlalchemy.exc
@@ -179,11 +195,16 @@ def open_study(
 ):
     """Create or load the study (maximising validation accuracy) and check it is this space's.
 
+    With ``create=False`` a study that does not exist is refused, and an SQLite file that does
+    not exist is not created.
+
     With ``recipe`` (:func:`trial_recipe`), also check that the study's trials were trained with
     it; a study without one records it.
     """
     import optuna
 
+    if not create and _sqlite_file_missing(storage):  # reading only: create no file (nor its lock)
+        raise ConfigError(f"no study named {study_name!r} in {storage}")
     sampler = optuna.samplers.TPESampler(seed=seed)
     fingerprint = _space_fingerprint(space)
     with _creation_lock(storage):

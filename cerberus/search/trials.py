@@ -307,9 +307,10 @@ def run_trials(
     ``base`` is config data for the written configs (the defaults when None); trials train on
     ``base`` with ``train.epochs=10`` and then ``overrides`` (``["train.epochs=3", ...]``). The
     study lives in ``storage`` (default ``sqlite:///<out_dir>/study.db``) under ``study_name``;
-    ``trials=0`` only reports on an existing study. Writes ``<out_dir>/pareto.png``, the ``top``
-    completed designs as train configs in ``configs_dir`` (default ``<out_dir>/configs``) and
-    ``<out_dir>/leaderboard.json``. ``train_fn`` defaults to :func:`cerberus.runner.train_run`.
+    ``trials=0`` only reports on an existing study (and creates no file when there is none).
+    Writes ``<out_dir>/pareto.png``, the ``top`` completed designs as train configs in
+    ``configs_dir`` (default ``<out_dir>/configs``) and ``<out_dir>/leaderboard.json``.
+    ``train_fn`` defaults to :func:`cerberus.runner.train_run`.
 
     Only designs within the budget, and not yet in the study, are trained; rejected designs do
     not count towards ``trials`` (see the module's docstring). Raises :class:`BudgetError` when no
@@ -336,10 +337,15 @@ def run_trials(
                 f"smallest has {smallest_params(space):,}); raise the budget or search smaller designs"
             )
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(study_name)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out {out_dir}: cannot create the search folder ({err.strerror})") from None
+
+    def make_out_dir() -> None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out {out_dir}: cannot create the search folder ({err.strerror})") from None
+
+    if trials:  # the default storage lives in it; a report makes it once the study is found
+        make_out_dir()
     storage = storage or default_storage(out_dir)
     study = open_study(
         space,
@@ -351,6 +357,7 @@ def run_trials(
         create=trials > 0,
         recipe=trial_recipe(trial_data) if trials else None,
     )
+    make_out_dir()
     emit = on_event or (lambda event: None)
     emit(
         {
