@@ -428,3 +428,29 @@ def test_tables_written_to_a_pipe_keep_their_natural_width(monkeypatch):
     lines = out.getvalue().splitlines()
     assert max(len(line) for line in lines) > 100
     assert all(f"value {i:05d}" in lines[3] for i in range(10))  # the row on one line
+
+
+def test_a_ctrl_c_while_a_class_is_defined_exits_130_without_a_traceback(monkeypatch) -> None:
+    """Python 3.11 wraps an exception raised by ``__set_name__`` (as a Ctrl-C in a module's class
+    definitions can be) in RuntimeError; the entry point still treats it as the interrupt."""
+    import cerberus.cli
+
+    class Interrupting:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    def command(**kwargs) -> None:
+        class Defined:  # what an import does while the signal lands
+            attribute = Interrupting()
+
+    monkeypatch.setattr(cerberus.cli, "app", command)
+    with pytest.raises(SystemExit) as info:
+        cerberus.cli.main()
+    assert info.value.code == 130
+
+    def crash(**kwargs) -> None:
+        raise RuntimeError("a real error")
+
+    monkeypatch.setattr(cerberus.cli, "app", crash)
+    with pytest.raises(RuntimeError, match="a real error"):  # anything else is not hidden
+        cerberus.cli.main()

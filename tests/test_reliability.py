@@ -554,8 +554,7 @@ def test_a_run_directory_in_use_is_refused_to_a_second_training(
     with launcher.start("train", *train_args(config_file, fake_cifar, run)) as first:
         first.wait_for("start")  # the lock is taken before the data is read
         first.signal(signal.SIGSTOP)
-        try:
-            assert not (run / "last.pt").exists()
+        try:  # (in epoch 1 unless this process stalled: the refusal does not depend on it)
             before = folder_state()
             result = invoke("train", *train_args(config_file, fake_cifar, run))
             stderr = assert_clean_error(result)

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 from cerberus.arch import Architecture, count_macs, count_params
 from cerberus.cli import app
 from cerberus.config import load_config
-from cerberus.errors import BudgetError, ConfigError
+from cerberus.errors import BudgetError, ConfigError, DataError, Interrupted
 from cerberus.search import (
     SearchSpace,
     count_designs,
@@ -332,7 +333,16 @@ def test_cli_json(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"candidates", "total", "within_budget", "max_params", "sort", "configs"}
+    assert set(data) == {
+        "candidates",
+        "total",
+        "within_budget",
+        "max_params",
+        "sort",
+        "configs",
+        "skipped_configs",
+    }
+    assert data["skipped_configs"] == []
     assert (data["max_params"], data["sort"]) == (500_000, "params")
     assert data["total"] == 2 * 4**3
     assert len(data["candidates"]) == 2
@@ -426,9 +436,11 @@ class FakeResult:
 class FakeTrainer:
     """Emits an epoch event per epoch with accuracy ``accuracies[call] * epoch / epochs``."""
 
-    def __init__(self, accuracies=(0.5,), interrupt_on: int | None = None):
+    def __init__(self, accuracies=(0.5,), interrupt_on: int | None = None, error=None, after_epochs=0):
         self.accuracies = accuracies
-        self.interrupt_on = interrupt_on
+        self.interrupt_on = interrupt_on  # this call raises ``error`` (KeyboardInterrupt)...
+        self.error = error
+        self.after_epochs = after_epochs  # ...after reporting this many epochs
         self.configs = []
         self.out_dirs = []
         self.epochs_run = []
@@ -438,8 +450,8 @@ class FakeTrainer:
         call = len(self.configs)
         self.configs.append(config)
         self.out_dirs.append(Path(out_dir))
-        if call == self.interrupt_on:
-            raise KeyboardInterrupt
+        if call == self.interrupt_on and not self.after_epochs:
+            raise self.error or KeyboardInterrupt()
         epochs, best = config.train.epochs, 0.0
         self.epochs_run.append(0)
         for epoch in range(1, epochs + 1):
@@ -447,6 +459,8 @@ class FakeTrainer:
             best = max(best, accuracy)
             self.epochs_run[-1] = epoch
             on_event({"event": "epoch", "epoch": epoch, "val_accuracy": accuracy, "val_loss": 1.0})
+            if call == self.interrupt_on and epoch == self.after_epochs:
+                raise self.error or KeyboardInterrupt()
         return FakeResult(Path(out_dir), {}, best, epochs)
 
 
@@ -472,7 +486,10 @@ def test_a_base_asking_for_channels_last_rejects_designs_the_cpu_cannot_train_in
     result, _ = trials(tmp_path, trainer, n=3, space=narrow, overrides=overrides)
     assert trainer.configs == [] and [r.state for r in result.leaderboard] == ["rejected"] * 2
     assert (result.trials_run, result.trials_trained) == (2, 0)  # each design is rejected once
-    assert result.stopped == "the study holds every design within the budget (2)"
+    assert result.stopped == (
+        "the study holds every design within the budget (2); all of them were rejected before training "
+        "(the trial config's train.channels_last does not suit them; see the leaderboard's notes)"
+    )
     wide = {**TINY_SPACE, "base_width": [16], "max_params": 200_000}
     result, _ = trials(tmp_path / "wide", trainer, n=1, space=wide, overrides=overrides)
     assert [r.state for r in result.leaderboard] == ["complete"] and len(trainer.configs) == 1
@@ -797,10 +814,239 @@ def test_ctrl_c_stops_cleanly_and_the_study_continues(tmp_path) -> None:
     assert not result.interrupted and len(result.leaderboard) == 3
 
 
+def test_the_leaderboard_ranks_complete_trials_above_partial_ones(tmp_path) -> None:
+    # an interrupted trial reached 0.66 after 2 of 3 epochs: above the complete trials' 0.5 and
+    # 0.4, but partial, so it ranks below them, its state and why it stopped shown
+    stopped = Interrupted("stopped by SIGTERM at the end of epoch 2", 143)
+    trainer = FakeTrainer(accuracies=(0.5, 0.99), interrupt_on=1, error=stopped, after_epochs=2)
+    trials(tmp_path, trainer, n=3, pruner="none")
+    result, _ = trials(tmp_path, FakeTrainer(accuracies=(0.4,)), n=1, pruner="none")
+    ranked = [(r.state, round(r.val_accuracy, 2), r.note) for r in result.leaderboard]
+    assert ranked == [
+        ("complete", 0.5, ""),
+        ("complete", 0.4, ""),
+        ("failed", 0.66, "interrupted by SIGTERM"),
+    ]
+    written = json.loads((tmp_path / "search" / "leaderboard.json").read_text())["leaderboard"]
+    assert [r["state"] for r in written] == ["complete", "complete", "failed"]
+    assert {r.state for r in result.pareto} == {"complete"}
+
+
+def test_leaderboard_order_of_states() -> None:
+    from optuna.trial import TrialState, create_trial
+
+    from cerberus.search import leaderboard
+
+    study = optuna.create_study(direction="maximize")
+
+    def add(state, accuracy=None, **attrs):
+        if accuracy is not None:
+            attrs["best_val_accuracy"] = accuracy
+        value = accuracy if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, value=value, user_attrs=attrs))
+
+    add(TrialState.FAIL, 0.99, interrupted="interrupted by SIGINT at epoch 2, step 5")
+    add(TrialState.PRUNED, 0.95, pruned="pruned after epoch 1")
+    add(TrialState.COMPLETE, 0.5)
+    add(TrialState.PRUNED, rejected="invalid config: train.whiten_stem ...")
+    add(TrialState.COMPLETE, 0.6)
+    add(TrialState.FAIL, duplicate=2)  # a skipped draw: not listed
+    add(TrialState.PRUNED, 0.97, pruned="pruned after epoch 2")
+    add(TrialState.RUNNING, 0.98)
+    add(TrialState.FAIL, fatal="CIFAR-10 not found")
+    ranked = [(r.number, r.state) for r in leaderboard(study)]
+    assert ranked == [
+        (4, "complete"),
+        (2, "complete"),
+        (6, "pruned"),
+        (1, "pruned"),
+        (7, "running"),
+        (0, "failed"),
+        (8, "failed"),
+        (3, "rejected"),
+    ]
+    notes = {r.number: r.note for r in leaderboard(study)}
+    assert notes[0] == "interrupted by SIGINT at epoch 2, step 5" and notes[8] == "CIFAR-10 not found"
+
+
+@pytest.fixture
+def sigterm_guard():
+    """SIGTERM that no handler of Cerberus takes fails the test (instead of killing pytest)."""
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the default handler: the process would have died")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+TINY_REAL = [
+    "train.epochs=2",
+    "data.train_subset=80",
+    "data.val_size=20",
+    "train.batch_size=10",
+    "train.eval_batch_size=20",
+    "train.threads=1",
+    "train.device=cpu",
+]
+
+
+def test_sigterm_during_a_trial_marks_it_failed_and_writes_the_results(
+    tmp_path, fake_cifar, sigterm_guard
+) -> None:
+    # real training: SIGTERM at the first step; the runner finishes that step and stops the trial
+    sent = []
+
+    def on_event(event) -> None:
+        if event["event"] == "trial_step" and not sent:
+            sent.append(event)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = run_trials(
+        space_from_dict(TINY_SPACE),
+        trials=3,
+        out_dir=tmp_path / "search",
+        data_dir=str(fake_cifar),
+        overrides=TINY_REAL,
+        pruner="none",
+        seed=0,
+        on_event=on_event,
+    )
+    assert sent and result.interrupted and result.stopped == "interrupted by SIGTERM"
+    (record,) = result.leaderboard
+    assert record.state == "failed" and record.note.startswith("interrupted by SIGTERM at epoch 1, step ")
+    written = json.loads((tmp_path / "search" / "leaderboard.json").read_text())
+    assert written["interrupted"] and written["leaderboard"][0]["note"] == record.note
+    study = optuna.load_study(study_name="default", storage=result.storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]  # not left RUNNING
+    # the design is not held: the next run may train it
+    again = run_trials(
+        space_from_dict(TINY_SPACE),
+        trials=1,
+        out_dir=tmp_path / "search",
+        data_dir=str(fake_cifar),
+        overrides=TINY_REAL,
+        pruner="none",
+        seed=0,
+    )
+    assert again.trials_trained == 1 and [r.state for r in again.leaderboard] == ["complete", "failed"]
+
+
+class SignalAfter(FakeTrainer):
+    """Sends this process ``signum`` once the trial ``call`` has trained (between two trials)."""
+
+    def __init__(self, call: int, signum: int):
+        super().__init__()
+        self.call, self.signum = call, signum
+
+    def __call__(self, config, **kwargs):
+        result = super().__call__(config, **kwargs)
+        if len(self.configs) - 1 == self.call:
+            os.kill(os.getpid(), self.signum)
+        return result
+
+
+def test_sigterm_between_trials_stops_the_search_before_the_next(tmp_path, sigterm_guard) -> None:
+    trainer = SignalAfter(0, signal.SIGTERM)
+    result, events = trials(tmp_path, trainer, n=3)
+    assert len(trainer.configs) == 1 and result.interrupted and result.stopped == "interrupted by SIGTERM"
+    assert [r.state for r in result.leaderboard] == ["complete"]  # trial 0 finished; none started
+    assert [e["event"] for e in events].count("trial_end") == 1
+    assert json.loads((tmp_path / "search" / "leaderboard.json").read_text())["interrupted"]
+
+
+def test_a_data_error_stops_the_search_and_keeps_the_results(tmp_path) -> None:
+    message = "CIFAR-10 not found: /nowhere/cifar-10-batches-py/ does not exist"
+    trainer = FakeTrainer(interrupt_on=1, error=DataError(message))
+    with pytest.raises(DataError, match="CIFAR-10 not found"):
+        trials(tmp_path, trainer, n=3)
+    assert len(trainer.configs) == 2  # no third trial
+    written = json.loads((tmp_path / "search" / "leaderboard.json").read_text())
+    assert [(r["state"], r["note"]) for r in written["leaderboard"]] == [
+        ("complete", ""),
+        ("failed", message),
+    ]
+    assert len(written["configs"]) == 1  # the completed design as a train config
+    # the design was not at fault: it may be drawn again
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
+    failed = study.trials[-1]
+    assert failed.user_attrs["fatal"] == message and "error" not in failed.user_attrs
+    held = trials_module._tried_designs(study)
+    assert trials_module._arch_from_dict(failed.user_attrs["design"]) not in held
+    # a config error the trainer meets is raised as well, with its exit code
+    trainer = FakeTrainer(interrupt_on=0, error=ConfigError("data.train_subset (9999) is too large"))
+    with pytest.raises(ConfigError, match="train_subset"):
+        trials(tmp_path / "other", trainer, n=2)
+    written = json.loads((tmp_path / "other" / "search" / "leaderboard.json").read_text())
+    assert [(r["state"], r["note"]) for r in written["leaderboard"]] == [
+        ("failed", "data.train_subset (9999) is too large")
+    ]
+
+
+def test_no_dataset_stops_the_search_with_its_message(tmp_path) -> None:
+    # the real runner, no CIFAR-10 and no download: the message reaches the user and the trial
+    overrides = ["train.epochs=1", "data.download=false", "train.device=cpu"]
+    with pytest.raises(DataError, match="CIFAR-10 not found") as err:
+        trials(tmp_path, None, n=2, overrides=overrides, data_dir=str(tmp_path / "empty"))
+    (record,) = json.loads((tmp_path / "search" / "leaderboard.json").read_text())["leaderboard"]
+    assert record["state"] == "failed" and record["note"] == str(err.value)
+
+
+def test_cli_reports_a_data_error_after_writing_the_results(tmp_path, monkeypatch) -> None:
+    import cerberus.runner
+
+    trainer = FakeTrainer(interrupt_on=1, error=DataError("CIFAR-10 not found: /nowhere"))
+    monkeypatch.setattr(cerberus.runner, "train_run", trainer)
+    args = [
+        "--max-params",
+        "100000",
+        "--trials",
+        "3",
+        "--out",
+        str(tmp_path / "s"),
+        "--set",
+        "train.epochs=1",
+    ]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.endswith("Error: CIFAR-10 not found: /nowhere\n")
+    written = json.loads((tmp_path / "s" / "leaderboard.json").read_text())["leaderboard"]
+    assert [r["state"] for r in written] == ["complete", "failed"]
+
+
+def test_test_only_settings_are_not_part_of_the_trial_recipe(tmp_path) -> None:
+    trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=1"])
+    test_only = ["data.test_subset=100", "train.test_tta=true"]
+    result, _ = trials(tmp_path, FakeTrainer(), n=1, overrides=["train.epochs=1", *test_only])
+    assert len(result.leaderboard) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "--study: the study name is empty"),
+        ("  ", "--study: the study name is empty"),
+        ("a/b", "--study 'a/b': a study name cannot hold '/'"),
+        ("a\\b", "--study 'a\\\\b': a study name cannot hold '\\\\'"),
+    ],
+)
+def test_a_study_name_that_cannot_name_a_folder_is_refused(tmp_path, monkeypatch, name, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    trainer = FakeTrainer()
+    with pytest.raises(ConfigError) as err:
+        run_trials(space_from_dict(TINY_SPACE), trials=1, study_name=name, train_fn=trainer)
+    assert str(err.value).startswith(message)
+    result = invoke("--max-params", "100000", "--trials", "1", "--study", name)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: {message}")
+    assert list(tmp_path.iterdir()) == [] and trainer.configs == []  # nothing created
+
+
 def test_studies_sharing_an_output_folder_keep_their_trials_apart(tmp_path) -> None:
     trainer = FakeTrainer()
     trials(tmp_path, trainer, n=1, study_name="first")
-    trials(tmp_path, trainer, n=1, study_name="second/run")
+    trials(tmp_path, trainer, n=1, study_name="second run")
     folder = tmp_path / "search" / "trials"
     assert trainer.out_dirs == [folder / "first-0000", folder / "second_run-0000"]
 
@@ -815,6 +1061,11 @@ def test_a_design_the_base_settings_do_not_suit_is_rejected_not_fatal(tmp_path) 
     assert widths.keys() == {5, 8}
     assert widths[5].state == "rejected" and "whiten_stem" in widths[5].note
     assert all(c.model.architecture().stem_width == 8 for c in trainer.configs)
+    # the study holds both designs now, and says why one of them was never trained
+    assert result.stopped == (
+        "the study holds every design within the budget (2); 1 of them was rejected before training "
+        "(the trial config's train.whiten_stem does not suit it; see the leaderboard's notes)"
+    )
 
 
 def test_trial_config_refusals(tmp_path) -> None:
@@ -885,3 +1136,18 @@ def test_two_processes_share_one_study(tmp_path, fake_cifar) -> None:
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trained)
     for t in trained:
         assert 1 <= t.user_attrs["epochs"] <= 2 and t.user_attrs["params"] <= 20_000
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_cli_exits_with_the_code_of_the_signal_that_stopped_the_trials(
+    tmp_path, monkeypatch, signal_name, code
+):
+    import cerberus.runner
+
+    trainer = FakeTrainer(interrupt_on=0, error=Interrupted(f"stopped by {signal_name}", code))
+    monkeypatch.setattr(cerberus.runner, "train_run", trainer)
+    result = invoke("--max-params", "100000", "--trials", "2", "--out", str(tmp_path / "s"), "--json")
+    assert result.exit_code == code, result.output
+    assert json.loads(result.stdout)["signal"] == signal_name
+    written = json.loads((tmp_path / "s" / "leaderboard.json").read_text())
+    assert written["interrupted"] and written["stopped"] == f"interrupted by {signal_name}"

@@ -14,7 +14,16 @@ from cerberus.cli._app import app
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="cerberus")
+    try:
+        app(prog_name="cerberus")
+    except KeyboardInterrupt:  # one that no command caught: still an interrupt, exit 130
+        raise SystemExit(130) from None
+    except RuntimeError as err:
+        # A Ctrl-C that lands while a module defines a class reaches us wrapped by Python 3.11
+        # ("Error calling __set_name__"): it is an interrupt all the same, not a crash.
+        if isinstance(err.__cause__, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
 
 
 __all__ = ["app", "main"]

@@ -35,6 +35,16 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def note_skipped(skipped, base_given: bool) -> None:
+    """Say on stderr which designs of the top list were not written as configs, and why."""
+    if not skipped:
+        return
+    source = "the --config base" if base_given else "the default train config"
+    head = f"skipped {count(len(skipped), 'design')} that {source} refuses:"
+    reasons = [f"{s.name}: {s.reason}" for s in skipped]
+    typer.echo(f"{head} {reasons[0]}" if len(reasons) == 1 else "\n  ".join([head, *reasons]), err=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Enumeration
 
@@ -73,7 +83,10 @@ LONG_COUNT = 5_000_000  # designs: counting more takes long enough to say so
 
 def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
     from cerberus.search import count_designs, enumerate_designs, write_candidate_configs
+    from cerberus.search.results import check_configs_dir
 
+    if write_dir is not None:  # before counting, which can take minutes
+        check_configs_dir(write_dir, "--write-configs")
     err = console(stderr=True)
     on_progress, progress = None, None
     total = count_designs(space)
@@ -98,9 +111,16 @@ def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
         if progress is not None:
             progress.stop()
     paths = write_candidate_configs(enumeration, write_dir, base) if write_dir is not None else []
+    skipped = paths.skipped if write_dir is not None else []
     if as_json:
-        written = {"configs": [str(path) for path in paths]} if write_dir is not None else {}
+        written = {}
+        if write_dir is not None:  # and the designs of the list that the base config refuses
+            written = {
+                "configs": [str(path) for path in paths],
+                "skipped_configs": [s.to_dict() for s in skipped],
+            }
         emit_json({**enumeration.to_dict(), **written})
+        note_skipped(skipped, base is not None)
         return
     out = console()
     if enumeration.candidates:
@@ -112,6 +132,7 @@ def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
     )
     if paths:
         out.print(f"wrote {count(len(paths), 'train config')} to {write_dir}/")
+    note_skipped(skipped, base is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,13 +268,14 @@ def run_search_trials(space, *, as_json: bool, trials: int, **kwargs) -> None:
         emit_json(result.to_dict())
     else:
         show_results(result)
+    note_skipped(result.skipped_configs, kwargs.get("base") is not None)
     if result.interrupted:
         typer.echo(
             f"Interrupted: the running trial is marked failed. Run the same command again to continue "
             f"study {result.study!r} ({result.storage}).",
             err=True,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(143 if result.signal_name == "SIGTERM" else 130)
     if trials and not result.trials_trained:  # never a silent success that trained nothing
         raise fail(f"no trial trained: {result.stopped}", 1)
     if result.stopped:
@@ -336,7 +358,7 @@ def search_command(
     storage to share the study, e.g.
     --storage postgresql://user:password@dbhost/cerberus. Results: a
     leaderboard, the Pareto front of accuracy against parameters (pareto.png)
-    and the best designs as train configs. Ctrl-C stops cleanly (exit 130).
+    and the best designs as train configs. Ctrl-C or SIGTERM stops cleanly (exit 130 or 143).
 
     Examples:
 
@@ -346,7 +368,8 @@ def search_command(
       cerberus search configs/search-space.toml --trials 20 --set train.epochs=5
     """
     from cerberus.config import config_from_dict, read_toml
-    from cerberus.search import load_space
+    from cerberus.search import default_out_dir, load_space
+    from cerberus.search.results import check_configs_dir
 
     if top < 0:
         raise fail(f"--top: must be 0 or more, got {top}", 2)
@@ -386,6 +409,11 @@ def search_command(
     if given:
         verb = "applies" if len(given) == 1 else "apply"
         raise fail(f"{', '.join(given)} only {verb} to enumeration: drop --trials", 2)
+    if top:  # the configs are written after the trials: a folder that cannot be one fails now
+        if write_configs is not None:
+            check_configs_dir(write_configs, "--write-configs")
+        else:
+            check_configs_dir((out if out is not None else default_out_dir(study)) / "configs")
     run_search_trials(
         space,
         as_json=as_json,

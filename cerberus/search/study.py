@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -147,6 +148,7 @@ NOT_RECIPE = (
     # what trials never do: they write no checkpoints and never see the test set
     "train.checkpoint_every",
     "train.save_every_epochs",
+    "data.test_subset",
     "train.test_tta",
     "train.test_every_epoch",
 )
@@ -258,9 +260,20 @@ def _shown(value: Any) -> str:
     return "unset" if value is None else json.dumps(value)
 
 
+def rejection_settings(note: str) -> list[str]:
+    """The settings a rejected trial's note names (``["train.whiten_stem"]``): each line of the
+    error that starts with a dotted setting."""
+    lines = note.removeprefix("invalid config: ").splitlines()
+    found = (re.match(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)\b", line) for line in lines)
+    return list(dict.fromkeys(m.group(1) for m in found if m))
+
+
 def trial_record(trial) -> TrialRecord:
     """One Optuna trial as the leaderboard shows it (a rejected design is Optuna's PRUNED; a draw
-    of a design the study already held, ``skipped``, its FAIL)."""
+    of a design the study already held, ``skipped``, its FAIL).
+
+    The note says why a trial was rejected, pruned or failed (diverged: ``error``; stopped by a
+    signal: ``interrupted``; an error that stopped the search: ``fatal``)."""
     import optuna
 
     attrs = trial.user_attrs
@@ -288,14 +301,34 @@ def trial_record(trial) -> TrialRecord:
         val_accuracy=accuracy,
         epochs=attrs.get("epochs", 0),
         epochs_planned=attrs.get("epochs_planned"),
-        note=attrs.get("rejected") or attrs.get("pruned") or attrs.get("error", ""),
+        note=next((attrs[key] for key in _NOTES if attrs.get(key)), ""),
     )
 
 
-def leaderboard(study) -> list[TrialRecord]:
-    """Every trial, the best validation accuracy first; trials without one last, by number.
+# The user attributes that say why a trial did not complete, as the leaderboard's note.
+_NOTES = ("rejected", "pruned", "error", "interrupted", "fatal")
 
-    Skipped draws (a design the study already held) are left out: nothing was trained.
+# The leaderboard's order of states: trials that trained to the end first, then those with a
+# partial accuracy or none yet (pruned; running or waiting in another worker), then those that
+# failed (diverged, interrupted, or stopped by an error), and designs never trained last.
+STATE_ORDER = ("complete", "pruned", "running", "waiting", "failed", "rejected")
+
+
+def leaderboard(study) -> list[TrialRecord]:
+    """Every trial by state (:data:`STATE_ORDER`: complete, pruned, running, waiting, failed,
+    rejected), and within a state the best validation accuracy first, then by number.
+
+    A pruned or interrupted trial's accuracy is partial (fewer epochs), so it never ranks above a
+    completed trial. Skipped draws (a design the study already held) are left out: nothing was
+    trained.
     """
     records = [r for r in map(trial_record, study.get_trials(deepcopy=False)) if r.state != "skipped"]
-    return sorted(records, key=lambda r: (r.val_accuracy is None, -(r.val_accuracy or 0.0), r.number))
+    return sorted(
+        records,
+        key=lambda r: (
+            STATE_ORDER.index(r.state),
+            r.val_accuracy is None,
+            -(r.val_accuracy or 0.0),
+            r.number,
+        ),
+    )

@@ -13,7 +13,14 @@ the next trial takes the nearest design the study does not hold. A design the tr
 not suit (``train.whiten_stem`` with an odd stem width, say) is recorded as a cheap trial in state
 ``rejected`` (Optuna state PRUNED, user attribute ``rejected``). Neither counts towards ``trials``:
 a call trains ``trials`` trials unless the study comes to hold every design within the budget, or
-:data:`MAX_UNTRAINED_DRAWS` designs in a row are rejected (:attr:`SearchResult.stopped` says why).
+:data:`MAX_UNTRAINED_DRAWS` designs in a row are rejected, or a signal stops it
+(:attr:`SearchResult.stopped` says why).
+
+A trial that fails is Optuna's FAIL, with a user attribute that says why (the leaderboard's note):
+``error`` when it diverged (the design stays in the study: it is not drawn again), ``interrupted``
+when SIGINT or SIGTERM stopped it, and ``fatal`` when an error that every trial would meet (a
+:class:`~cerberus.errors.DataError`, a :class:`~cerberus.errors.ConfigError`) stopped the search.
+The design of an interrupted or fatal trial may be drawn again.
 
 The study and its storage: :mod:`cerberus.search.study`.
 """
@@ -21,20 +28,23 @@ The study and its storage: :mod:`cerberus.search.study`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cerberus.arch import Architecture, count_macs, count_params, nhwc_backward_hazard
 from cerberus.config import apply_overrides, config_from_dict, override_keys
-from cerberus.errors import BudgetError, ConfigError, DivergenceError, Interrupted
+from cerberus.errors import BudgetError, CerberusError, ConfigError, DivergenceError, Interrupted
 from cerberus.search.enumeration import _Family, families_within_budget, smallest_params
 from cerberus.search.results import (
     SearchResult,
     TrialRecord,
     _arch_from_dict,
+    check_configs_dir,
     design_config,
     study_pareto,
     write_results,
@@ -45,6 +55,7 @@ from cerberus.search.study import (
     default_storage,
     leaderboard,
     open_study,
+    rejection_settings,
     trial_recipe,
     trial_record,
 )
@@ -58,6 +69,19 @@ MAX_UNTRAINED_DRAWS = 50
 
 def default_out_dir(study_name: str) -> Path:
     return Path("runs") / f"search-{study_name}"
+
+
+def check_study_name(study_name: str) -> None:
+    """Refuse a study name that cannot name the search folder ``runs/search-<study>``."""
+    if not study_name.strip():
+        raise ConfigError("--study: the study name is empty; name the study, e.g. --study wide")
+    separators = sorted({c for c in study_name if c in "/\\"})
+    if separators:
+        shown = " or ".join(repr(c) for c in separators)
+        raise ConfigError(
+            f"--study {study_name!r}: a study name cannot hold {shown} (it names the search folder "
+            "runs/search-STUDY); use another name, and --out for the folder"
+        )
 
 
 def trial_base(
@@ -189,9 +213,10 @@ class _Objective:
     """One Optuna trial: draw a design within the budget, skip it if the study holds it, reject
     it if the trial config does not suit it, else train it and report each epoch."""
 
-    def __init__(self, space, families, base, out_dir, data_dir, train_fn, emit):
+    def __init__(self, space, families, base, out_dir, data_dir, train_fn, emit, stop):
         self.space, self.families, self.base = space, families, base
         self.out_dir, self.data_dir, self.train_fn, self.emit = out_dir, data_dir, train_fn, emit
+        self.stop = stop  # the search's StopFlag: a signal that came between trials
         self.epochs = base["train"]["epochs"]
         self.duplicates: set[int] = set()  # trial numbers of duplicate draws
 
@@ -236,8 +261,14 @@ class _Objective:
                 "epochs": self.epochs,
             }
         )
-        progress = {"epochs": 0, "best": None}
+        progress: dict[str, Any] = {"epochs": 0, "best": None, "interrupted": None}
         try:
+            if self.stop():  # a signal came while this trial was being drawn
+                name = _signal_name(self.stop.signum)
+                progress["interrupted"] = f"interrupted by {name} before training"
+                raise Interrupted(f"stopped by {name}", _exit_code(self.stop.signum))
+            # The runner's own signal handling: SIGINT or SIGTERM finishes the step and raises
+            # Interrupted (no checkpoint: trials save none); a second signal stops at once.
             result = self.train_fn(
                 config,
                 out_dir=self.out_dir / "trials" / trial_folder(trial.study.study_name, trial.number),
@@ -245,13 +276,23 @@ class _Objective:
                 on_event=lambda event: self.on_run_event(trial, progress, event),
                 evaluate_test=False,
                 save_checkpoints=False,
-                handle_signals=False,  # Ctrl-C stops the search now, not after a checkpoint
+                handle_signals=True,
             )
-        except DivergenceError as err:
+            if result.best_val_accuracy is None:
+                raise ConfigError("trial config: the run reported no validation accuracy")
+        except DivergenceError as err:  # this design's fault: the study keeps it
             trial.set_user_attr("error", str(err))
             raise
-        if result.best_val_accuracy is None:
-            raise ConfigError("trial config: the run reported no validation accuracy")
+        except Interrupted as err:
+            name = "SIGTERM" if err.exit_code == 143 else "SIGINT"
+            trial.set_user_attr("interrupted", progress["interrupted"] or f"interrupted by {name}")
+            raise
+        except KeyboardInterrupt:  # a second signal, or a trainer without signal handling
+            trial.set_user_attr("interrupted", progress["interrupted"] or "interrupted")
+            raise
+        except CerberusError as err:  # every trial would meet it (data, config): the search stops
+            trial.set_user_attr("fatal", str(err))
+            raise
         return float(result.best_val_accuracy)
 
     def on_run_event(self, trial, progress: dict[str, Any], event: dict[str, Any]) -> None:
@@ -259,6 +300,10 @@ class _Objective:
         import optuna
 
         kind = event.get("event")
+        if kind == "interrupted":  # the runner stopped on a signal; Interrupted follows
+            epoch, step = event.get("epoch", 0), event.get("step", 0)
+            where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+            progress["interrupted"] = f"interrupted by {event.get('signal', 'a signal')} at {where}"
         if kind == "step":
             self.emit({**event, "event": "trial_step", "trial": trial.number, "epochs": self.epochs})
         if kind != "epoch":
@@ -283,6 +328,39 @@ class _Objective:
             reason = f"pruned after epoch {epoch} (val accuracy {accuracy:.4f})"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)  # propagates out of the runner, which cleans up
+
+
+def _signal_name(signum: int | None) -> str:
+    return "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+
+
+def _exit_code(signum: int | None) -> int:
+    """130 for SIGINT, 143 for SIGTERM: what ``cerberus train`` exits with (128 + the signal)."""
+    return 143 if signum == signal.SIGTERM else 130
+
+
+def _held_every_design(study, tried, max_params: int) -> str:
+    """Why a search stops when the study holds every design within the budget: how many, and how
+    many of them were rejected before training (and the settings that rejected them)."""
+    within = {arch: number for arch, number in tried.items() if count_params(arch) <= max_params}
+    message = f"the study holds every design within the budget ({len(within):,})"
+    notes = {t.number: t.user_attrs.get("rejected") for t in study.get_trials(deepcopy=False)}
+    rejected = [notes[number] for number in within.values() if notes.get(number)]
+    if not rejected:
+        return message
+    n = len(rejected)
+    if n == len(within):
+        who = "it was" if n == 1 else "all of them were"
+    else:
+        who = f"{n:,} of them {'was' if n == 1 else 'were'}"
+    settings = sorted({key for note in rejected for key in rejection_settings(note)})
+    them = "it" if n == 1 else "them"
+    if settings:
+        verb = "does" if len(settings) == 1 else "do"
+        why = f"the trial config's {' and '.join(settings)} {verb} not suit {them}"
+    else:
+        why = f"the trial config does not suit {them}"
+    return f"{message}; {who} rejected before training ({why}; see the leaderboard's notes)"
 
 
 def run_trials(
@@ -320,12 +398,23 @@ def run_trials(
     were fewer than ``trials``.
 
     Progress goes to ``on_event`` as dicts: ``study``, ``trial_start``, ``trial_step``,
-    ``trial_epoch``, ``trial_end`` (a :class:`TrialRecord` as a dict). Ctrl-C
-    (KeyboardInterrupt) marks the running trial failed and returns with ``interrupted=True``;
-    running the search again continues the study.
+    ``trial_epoch``, ``trial_end`` (a :class:`TrialRecord` as a dict).
+
+    SIGINT (Ctrl-C) and SIGTERM are handled as ``cerberus train`` handles them
+    (:func:`cerberus.runner.stop_on_signals`, in the main thread): the running trial finishes its
+    step and is marked failed (note ``interrupted by SIGTERM at ...``), the results are written,
+    and the call returns with ``interrupted=True`` and ``stopped`` naming the signal (exit 130 or
+    143); a second signal stops at once. Running the search again continues the study.
+
+    An error that every trial would meet (:class:`~cerberus.errors.DataError`,
+    :class:`~cerberus.errors.ConfigError`, any :class:`~cerberus.errors.CerberusError` but
+    divergence) marks the trial failed with the message as its note, writes the results of the
+    study, and is raised. The study name must be able to name a folder (``--study``: not empty,
+    no path separator), and is checked before anything is created.
     """
     if trials < 0:
         raise ConfigError(f"--trials: must be 0 or more, got {trials}")
+    check_study_name(study_name)
     trial_data = trial_base(base, overrides)
     epochs = trial_data["train"]["epochs"]
     families: Families = {}
@@ -346,6 +435,8 @@ def run_trials(
 
     if trials:  # the default storage lives in it; a report makes it once the study is found
         make_out_dir()
+        if top:  # where the configs go at the end: refused now rather than after the training
+            check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
     storage = storage or default_storage(out_dir)
     study = open_study(
         space,
@@ -382,48 +473,83 @@ def run_trials(
             finished.append(record)
             emit({"event": "trial_end", **finished[-1].to_dict()})
 
-    objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit)
+    # SIGINT and SIGTERM between trials set ``stop`` (checked before each draw and before each
+    # trial trains); during a trial the runner's own handler takes over and raises Interrupted.
+    stop: Any = _NoStop()
+    signals: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if trials:
+        from cerberus.runner import StopFlag, stop_on_signals
+
+        stop = StopFlag()
+        signals = stop_on_signals(stop)
+    objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit, stop)
     trained, untrained_draws, stopped, interrupted = 0, 0, "", False
+    fatal: CerberusError | None = None
     quiet = _QuietDuplicates(objective.duplicates)
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
-    try:
-        while trained < trials:
-            tried = _tried_designs(study)
-            if _untried_design(families, tried, space.max_params) is None:
-                within = sum(count_params(arch) <= space.max_params for arch in tried)
-                stopped = f"the study holds every design within the budget ({within:,})"
-                break
-            if untrained_draws >= MAX_UNTRAINED_DRAWS:
-                stopped = (
-                    f"the last {MAX_UNTRAINED_DRAWS} designs drawn were rejected before training "
-                    "(see the leaderboard's notes)"
+    with signals:  # also while the results are written
+        try:
+            while trained < trials:
+                if stop():
+                    raise Interrupted(f"stopped by {_signal_name(stop.signum)}", _exit_code(stop.signum))
+                tried = _tried_designs(study)
+                if _untried_design(families, tried, space.max_params) is None:
+                    stopped = _held_every_design(study, tried, space.max_params)
+                    break
+                if untrained_draws >= MAX_UNTRAINED_DRAWS:
+                    stopped = (
+                        f"the last {MAX_UNTRAINED_DRAWS} designs drawn were rejected before training "
+                        "(see the leaderboard's notes)"
+                    )
+                    break
+                study.optimize(
+                    objective,
+                    n_trials=1,
+                    catch=(DivergenceError, _DuplicateDesign),  # that trial fails; the search goes on
+                    callbacks=[after_trial],
                 )
-                break
-            study.optimize(
-                objective,
-                n_trials=1,
-                catch=(DivergenceError, _DuplicateDesign),  # that trial fails; the search goes on
-                callbacks=[after_trial],
-            )
-            if outcomes[-1] in ("complete", "pruned", "failed"):  # it trained (failed: it diverged)
-                trained, untrained_draws = trained + 1, 0
-            elif outcomes[-1] == "rejected":  # a duplicate is not counted: an untried design follows
-                untrained_draws += 1
-    except (KeyboardInterrupt, Interrupted):
-        interrupted = True
-    finally:
-        logging.getLogger("optuna.study._optimize").removeFilter(quiet)
-    records = leaderboard(study)
-    result = SearchResult(
-        study_name,
-        storage,
-        out_dir,
-        len(finished),
-        records,
-        study_pareto(records),
-        interrupted=interrupted,
-        trials_trained=trained,
-        stopped=stopped,
-    )
-    write_results(result, space, top=top, base=base, configs_dir=configs_dir)
+                if outcomes[-1] in ("complete", "pruned", "failed"):  # trained (failed: diverged)
+                    trained, untrained_draws = trained + 1, 0
+                elif outcomes[-1] == "rejected":  # a duplicate is not counted: an untried one follows
+                    untrained_draws += 1
+        except (KeyboardInterrupt, Interrupted) as err:
+            interrupted = True
+            signum = stop.signum
+            if signum is None:
+                signum = signal.SIGTERM if getattr(err, "exit_code", 130) == 143 else signal.SIGINT
+            stopped = f"interrupted by {_signal_name(signum)}"
+            stop.signum = signum  # the runner's handler took the signal: a second one stops at once
+        except CerberusError as err:  # every trial would meet it: written below, then raised
+            fatal = err
+        finally:
+            logging.getLogger("optuna.study._optimize").removeFilter(quiet)
+        records = leaderboard(study)
+        result = SearchResult(
+            study_name,
+            storage,
+            out_dir,
+            len(finished),
+            records,
+            study_pareto(records),
+            interrupted=interrupted,
+            trials_trained=trained,
+            stopped=stopped,
+            signal_name=_signal_name(stop.signum) if interrupted else "",
+        )
+        write_results(result, space, top=top, base=base, configs_dir=configs_dir)
+        if stop() and not interrupted:  # a signal came while they were written: say so in them too
+            result.interrupted, result.signal_name = True, _signal_name(stop.signum)
+            result.stopped = f"interrupted by {result.signal_name}"
+            write_results(result, space, top=top, base=base, configs_dir=configs_dir)
+    if fatal is not None:
+        raise fatal
     return result
+
+
+class _NoStop:
+    """A StopFlag that never stops (a report only: no signal handling, no torch import)."""
+
+    signum = None
+
+    def __call__(self) -> bool:
+        return False
