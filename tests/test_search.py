@@ -338,6 +338,7 @@ def test_cli_json(tmp_path) -> None:
         "total",
         "within_budget",
         "max_params",
+        "min_params",
         "sort",
         "configs",
         "skipped_configs",
@@ -1151,3 +1152,33 @@ def test_cli_exits_with_the_code_of_the_signal_that_stopped_the_trials(
     assert json.loads(result.stdout)["signal"] == signal_name
     written = json.loads((tmp_path / "s" / "leaderboard.json").read_text())
     assert written["interrupted"] and written["stopped"] == f"interrupted by {signal_name}"
+
+
+def test_cli_counts_within_the_parameter_range_and_names_the_smallest_design(tmp_path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [2]\nblocks = [1, 1]\nbase_width = [8, 16]\nmax_params = 1_000_000\n")
+    ranged = invoke(str(space), "--min-params", "10000", "--top", "3")  # 5,266 and 19,994 parameters
+    assert ranged.exit_code == 0, ranged.output
+    assert "1 within 10,000 to 1,000,000 parameters" in ranged.stdout
+    assert "Top 1 of 1 design within 10,000 to 1,000,000 parameters" in ranged.stdout
+    over = invoke(str(space), "--max-params", "5000", "--top", "3")
+    assert over.exit_code == 0, over.output
+    assert "0 within the 5,000-parameter budget; the smallest design has 5,266" in over.stdout
+
+
+def test_an_out_that_is_a_file_or_a_storage_that_fails_is_refused_leaving_nothing(tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    file = tmp_path / "file"
+    expected = {  # with configs to write, their folder is what is refused first
+        "5": f"cannot write configs to {file / 'configs'}: {file} is not a folder",
+        "0": f"--out {file}: is a file, not a folder for the search",
+    }
+    for top, message in expected.items():
+        result = invoke("--max-params", "100000", "--trials", "1", "--out", str(file), "--top", top)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"Error: {message}\n"
+    out = tmp_path / "s"
+    result = invoke("--max-params", "100000", "--trials", "1", "--out", str(out), "--storage", "nosuch://x")
+    assert result.exit_code == 2, result.output
+    assert "--storage nosuch://x: cannot open the study storage" in result.stderr
+    assert not out.exists()

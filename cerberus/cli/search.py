@@ -54,8 +54,8 @@ def candidates_table(enumeration):
 
     shown = len(enumeration.candidates)
     table = Table(
-        title=f"Top {shown} of {count(enumeration.within_budget, 'design')} within the "
-        f"{enumeration.max_params:,}-parameter budget (by {enumeration.sort})",
+        title=f"Top {shown} of {count(enumeration.within_budget, 'design')} within "
+        f"{enumeration.bounds()} (by {enumeration.sort})",
         title_justify="left",
     )
     for name in ("#", "params", "MACs/image", "blocks", "channels", "F", "K", "P", "S", "stem", "down"):
@@ -83,6 +83,7 @@ LONG_COUNT = 5_000_000  # designs: counting more takes long enough to say so
 
 def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
     from cerberus.search import count_designs, enumerate_designs, write_candidate_configs
+    from cerberus.search.enumeration import smallest_params
     from cerberus.search.results import check_configs_dir
 
     if write_dir is not None:  # before counting, which can take minutes
@@ -126,10 +127,14 @@ def run_enumeration(space, top, sort, as_json, write_dir, base) -> None:
     if enumeration.candidates:
         out.print(candidates_table(enumeration))
     rate = enumeration.total / max(enumeration.seconds, 1e-9)
-    out.print(
+    line = (
         f"{count(enumeration.total, 'design')} counted in {enumeration.seconds:.2f}s ({rate:,.0f}/s); "
-        f"{enumeration.within_budget:,} within the {enumeration.max_params:,}-parameter budget"
+        f"{enumeration.within_budget:,} within {enumeration.bounds()}"
     )
+    smallest = smallest_params(space) if not enumeration.within_budget else 0
+    if smallest > enumeration.max_params:
+        line += f"; the smallest design has {smallest:,}"
+    out.print(line)
     if paths:
         out.print(f"wrote {count(len(paths), 'train config')} to {write_dir}/")
     note_skipped(skipped, base is not None)
@@ -316,7 +321,10 @@ def search_command(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option(help="Base train config of written configs and trials; its model is replaced."),
+        typer.Option(
+            help="Base train config of written configs and trials; its model is replaced, and trials "
+            "train 10 epochs whatever it says (--set train.epochs=N changes that)."
+        ),
     ] = None,
     trials: Annotated[
         int | None, typer.Option(help="Train this many trials in this process (0: report only).")

@@ -209,6 +209,7 @@ class Enumeration:
     max_params: int
     sort: SortKey
     seconds: float  # time spent counting
+    min_params: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,8 +217,15 @@ class Enumeration:
             "total": self.total,
             "within_budget": self.within_budget,
             "max_params": self.max_params,
+            "min_params": self.min_params,
             "sort": self.sort,
         }
+
+    def bounds(self) -> str:
+        """What ``within_budget`` counts, in words: "the 5,000,000-parameter budget", or a range."""
+        if self.min_params:
+            return f"{self.min_params:,} to {self.max_params:,} parameters"
+        return f"the {self.max_params:,}-parameter budget"
 
 
 def _outer_sum(vectors: Sequence[np.ndarray]) -> np.ndarray:
@@ -327,4 +335,5 @@ def enumerate_designs(
         max_params=space.max_params,
         sort=sort,
         seconds=time.perf_counter() - start,
+        min_params=space.min_params,
     )

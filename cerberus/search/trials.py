@@ -430,13 +430,15 @@ def run_trials(
     def make_out_dir() -> None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"--out {out_dir}: is a file, not a folder for the search") from None
         except OSError as err:
             raise ConfigError(f"--out {out_dir}: cannot create the search folder ({err.strerror})") from None
 
-    if trials:  # the default storage lives in it; a report makes it once the study is found
-        make_out_dir()
-        if top:  # where the configs go at the end: refused now rather than after the training
-            check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
+    if trials and storage is None:  # the default storage lives in it; otherwise it is made once
+        make_out_dir()  # the study is open (a report, or a storage that fails, leaves nothing)
+    if trials and top:  # where the configs go at the end: refused now rather than after training
+        check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
     storage = storage or default_storage(out_dir)
     study = open_study(
         space,
