@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -1182,3 +1183,31 @@ def test_an_out_that_is_a_file_or_a_storage_that_fails_is_refused_leaving_nothin
     assert result.exit_code == 2, result.output
     assert "--storage nosuch://x: cannot open the study storage" in result.stderr
     assert not out.exists()
+
+
+def test_a_finished_trial_is_one_line_whatever_its_note_holds() -> None:
+    from rich.console import Console
+
+    from cerberus.cli.search import TrialsDisplay
+
+    display = TrialsDisplay()
+    display.console = Console(file=io.StringIO(), width=400, color_system=None)
+    note = "train.whiten_stem fills the stem\nwith whitening filters:\n  a 64-wide stem is refused"
+    display(
+        {
+            "event": "trial_end",
+            "number": 3,
+            "state": "rejected",
+            "label": "b1-1_c64-128",
+            "params": 1234,
+            "val_accuracy": None,
+            "epochs": 0,
+            "epochs_planned": 1,
+            "note": note,
+        }
+    )
+    lines = display.console.file.getvalue().splitlines()
+    assert lines == [
+        "trial   3 rejected b1-1_c64-128  1,234 params  no val acc  epochs 0/1  "
+        "(train.whiten_stem fills the stem with whitening filters: a 64-wide stem is refused)"
+    ]

@@ -211,7 +211,8 @@ class TrialsDisplay:
             f"trial {e['number']:>3} [{colour}]{e['state']:<8}[/] {escape(e['label'])}  {params}  "
             f"{accuracy}  epochs {e['epochs']}/{e['epochs_planned']}"
         )
-        self.console.print(line + (f"  ({escape(e['note'])})" if e["note"] else ""))
+        note = " ".join(e["note"].split())  # one line a trial, whatever the note's lines
+        self.console.print(line + (f"  ({escape(note)})" if note else ""))
 
     def stop(self) -> None:
         if self.started:  # rich writes a blank line when stopping what never started
