@@ -58,8 +58,6 @@ from cerberus.prune import DataPruner
 EventSink = Callable[[dict[str, Any]], None]
 
 PLOT_EVERY_SECONDS = 30.0  # curves.png is redrawn at most this often while training runs
-# How a failed run's error message ends: what the user has left (Run.checkpoint_state)
-CHECKPOINT_STATES = ("the last good checkpoint was kept", "no checkpoint had been written yet")
 
 
 @dataclass
@@ -388,14 +386,15 @@ class Run:
                         where = f"the end of epoch {payload['epoch']}"
                     raise DivergenceError(
                         f"the {key} weights became non-finite at {where}: lower train.lr, add "
-                        f"train.warmup_epochs or train.grad_clip; {self.checkpoint_state()}"
+                        "train.warmup_epochs or train.grad_clip"
                     )
             _save_checkpoint(self.out_dir / name, payload)
 
     def checkpoint_state(self) -> str:
         """What a user has left after a failed run, for the error message."""
-        kept, none_yet = CHECKPOINT_STATES
-        return kept if self.save_checkpoints and (self.out_dir / "last.pt").exists() else none_yet
+        if self.save_checkpoints and (self.out_dir / "last.pt").exists():
+            return "the last good checkpoint was kept"
+        return "no checkpoint had been written yet"
 
     def write_metrics(self, plot: bool = False) -> None:
         """metrics.jsonl, and curves.png when ``plot``, at the first epoch, or when the last
@@ -488,60 +487,60 @@ class Run:
 
         if start_epoch >= cfg.train.epochs:  # resuming a finished run: a kill may have come
             self.write_metrics(plot=True)  # between its last last.pt and metrics.jsonl
-        for epoch in range(start_epoch, cfg.train.epochs):
-            steps = self.trainer.steps_in(epoch)  # fewer where data pruning skips images
-            try:
+        # A divergence anywhere in the epochs (the loss, the weights at a save, the evaluations)
+        # says what the user has left, once.
+        try:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                steps = self.trainer.steps_in(epoch)  # fewer where data pruning skips images
                 state, step = self.trainer.run_epoch(
                     epoch, state, start_step if epoch == start_epoch else 0, on_step, stop
                 )
-            except DivergenceError as err:
-                if str(err).endswith(CHECKPOINT_STATES):  # raised by save(), which said it already
-                    raise
-                raise DivergenceError(f"{err}; {self.checkpoint_state()}") from None
-            if step < steps:  # interrupted mid-epoch
-                self.save_last(self.payload(epoch, step, state))
-                with self.dist.agreement():
-                    self.plot()
-                self.interrupted(stop, epoch, step)
-            # Rank 0 evaluates (its weights and BatchNorm statistics are what it saves) and every
-            # rank takes its line, so all of them select the same best epoch.
-            line = self.dist.from_main(self.epoch_line, epoch, state, has_val)
-            self.check_finite_evaluations(line, epoch)
-            self.metrics.append(line)
-            improved = self.best_val is None or not has_val or line["selection_accuracy"] > self.best_val
-            if improved:
-                self.best_val = line["selection_accuracy"] if has_val else None
-                self.best_epoch = epoch + 1
-            payload = self.payload(epoch + 1, 0, EpochState())
-            # train.save_every_epochs: last.pt every N epochs and at the last; best.pt is written
-            # just before the next last.pt, so that once both are written they name the same best
-            # epoch.
-            save_now = (epoch + 1) % cfg.train.save_every_epochs == 0 or epoch + 1 == cfg.train.epochs
-            if improved:
-                # best.pt holds the selected weights (the EMA's when on) under "model", and what
-                # describes them as of this epoch; it cannot be resumed, so no optimizer state.
-                best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
-                best.update(optimizer=None, pruner=None, metrics=list(self.metrics))
-                best["weights"] = "ema" if self.ema is not None else "model"
-                # Training goes on before these weights are written or evaluated: rank 0, the
-                # only one that does either, keeps a copy; the others keep the live references.
-                if self.dist.is_main and (not save_now or not self.save_checkpoints):
-                    best["model"] = {k: v.detach().clone() for k, v in best["model"].items()}
-                if self.save_checkpoints:
-                    self.pending_best = best
-                else:
-                    self.best_state = best["model"]
-            if save_now:
-                self.save_last(payload)
-            self.write_metrics(plot=epoch + 1 == cfg.train.epochs)
-            self.emit({"event": "epoch", **line})
-            state = EpochState()
-            if self.dist.any_rank(stop()):
-                if not save_now:
-                    self.save_last(self.payload(epoch + 1, 0, EpochState()))
-                with self.dist.agreement():
-                    self.plot()
-                self.interrupted(stop, epoch + 1, 0)
+                if step < steps:  # interrupted mid-epoch
+                    self.save_last(self.payload(epoch, step, state))
+                    with self.dist.agreement():
+                        self.plot()
+                    self.interrupted(stop, epoch, step)
+                # Rank 0 evaluates (its weights and BatchNorm statistics are what it saves) and every
+                # rank takes its line, so all of them select the same best epoch.
+                line = self.dist.from_main(self.epoch_line, epoch, state, has_val)
+                self.check_finite_evaluations(line, epoch)
+                self.metrics.append(line)
+                improved = self.best_val is None or not has_val or line["selection_accuracy"] > self.best_val
+                if improved:
+                    self.best_val = line["selection_accuracy"] if has_val else None
+                    self.best_epoch = epoch + 1
+                payload = self.payload(epoch + 1, 0, EpochState())
+                # train.save_every_epochs: last.pt every N epochs and at the last; best.pt is written
+                # just before the next last.pt, so that once both are written they name the same best
+                # epoch.
+                save_now = (epoch + 1) % cfg.train.save_every_epochs == 0 or epoch + 1 == cfg.train.epochs
+                if improved:
+                    # best.pt holds the selected weights (the EMA's when on) under "model", and what
+                    # describes them as of this epoch; it cannot be resumed, so no optimizer state.
+                    best = {**payload, "model": self.selected_weights(), "ema": None, "role": "best"}
+                    best.update(optimizer=None, pruner=None, metrics=list(self.metrics))
+                    best["weights"] = "ema" if self.ema is not None else "model"
+                    # Training goes on before these weights are written or evaluated: rank 0, the
+                    # only one that does either, keeps a copy; the others keep the live references.
+                    if self.dist.is_main and (not save_now or not self.save_checkpoints):
+                        best["model"] = {k: v.detach().clone() for k, v in best["model"].items()}
+                    if self.save_checkpoints:
+                        self.pending_best = best
+                    else:
+                        self.best_state = best["model"]
+                if save_now:
+                    self.save_last(payload)
+                self.write_metrics(plot=epoch + 1 == cfg.train.epochs)
+                self.emit({"event": "epoch", **line})
+                state = EpochState()
+                if self.dist.any_rank(stop()):
+                    if not save_now:
+                        self.save_last(self.payload(epoch + 1, 0, EpochState()))
+                    with self.dist.agreement():
+                        self.plot()
+                    self.interrupted(stop, epoch + 1, 0)
+        except DivergenceError as err:
+            raise DivergenceError(f"{err}; {self.checkpoint_state()}") from None
 
     def check_finite_evaluations(self, line: dict[str, Any], epoch: int) -> None:
         """Finite weights can still give non-finite outputs (BatchNorm statistics that overflow in
@@ -550,7 +549,7 @@ class Run:
             if key in line and not math.isfinite(line[key]):
                 raise DivergenceError(
                     f"the {name} became non-finite at the end of epoch {epoch + 1}: lower train.lr, "
-                    f"add train.warmup_epochs or train.grad_clip; {self.checkpoint_state()}"
+                    "add train.warmup_epochs or train.grad_clip"
                 )
 
     def selected_weights(self) -> dict[str, torch.Tensor]:

@@ -789,16 +789,8 @@ def test_cli_says_how_many_trials_the_study_holds(tmp_path, monkeypatch) -> None
     import cerberus.runner
 
     monkeypatch.setattr(cerberus.runner, "train_run", FakeTrainer())
-    args = [
-        "--max-params",
-        "100000",
-        "--trials",
-        "1",
-        "--out",
-        str(tmp_path / "s"),
-        "--set",
-        "train.epochs=1",
-    ]
+    out = str(tmp_path / "s")
+    args = ["--max-params", "100000", "--trials", "1", "--out", out, "--set", "train.epochs=1"]
     first = invoke(*args)
     assert first.exit_code == 0, first.output
     assert "0 trials so far; running 1 more" in first.stderr
@@ -905,16 +897,12 @@ def test_sigterm_during_a_trial_marks_it_failed_and_writes_the_results(
             sent.append(event)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    result = run_trials(
-        space_from_dict(TINY_SPACE),
-        trials=3,
-        out_dir=tmp_path / "search",
-        data_dir=str(fake_cifar),
-        overrides=TINY_REAL,
-        pruner="none",
-        seed=0,
-        on_event=on_event,
-    )
+    def search(trials: int, **kwargs):
+        settings = {"overrides": TINY_REAL, "pruner": "none", "seed": 0, **kwargs}
+        space, out_dir = space_from_dict(TINY_SPACE), tmp_path / "search"
+        return run_trials(space, trials=trials, out_dir=out_dir, data_dir=str(fake_cifar), **settings)
+
+    result = search(3, on_event=on_event)
     assert sent and result.interrupted and result.stopped == "interrupted by SIGTERM"
     (record,) = result.leaderboard
     assert record.state == "failed" and record.note.startswith("interrupted by SIGTERM at epoch 1, step ")
@@ -923,15 +911,7 @@ def test_sigterm_during_a_trial_marks_it_failed_and_writes_the_results(
     study = optuna.load_study(study_name="default", storage=result.storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]  # not left RUNNING
     # the design is not held: the next run may train it
-    again = run_trials(
-        space_from_dict(TINY_SPACE),
-        trials=1,
-        out_dir=tmp_path / "search",
-        data_dir=str(fake_cifar),
-        overrides=TINY_REAL,
-        pruner="none",
-        seed=0,
-    )
+    again = search(1)
     assert again.trials_trained == 1 and [r.state for r in again.leaderboard] == ["complete", "failed"]
 
 
@@ -1000,16 +980,8 @@ def test_cli_reports_a_data_error_after_writing_the_results(tmp_path, monkeypatc
 
     trainer = FakeTrainer(interrupt_on=1, error=DataError("CIFAR-10 not found: /nowhere"))
     monkeypatch.setattr(cerberus.runner, "train_run", trainer)
-    args = [
-        "--max-params",
-        "100000",
-        "--trials",
-        "3",
-        "--out",
-        str(tmp_path / "s"),
-        "--set",
-        "train.epochs=1",
-    ]
+    out = str(tmp_path / "s")
+    args = ["--max-params", "100000", "--trials", "3", "--out", out, "--set", "train.epochs=1"]
     result = invoke(*args)
     assert result.exit_code == 1, result.output
     assert result.stderr.endswith("Error: CIFAR-10 not found: /nowhere\n")
