@@ -698,6 +698,42 @@ def test_duplicate_draws_are_not_trained_again(tmp_path, caplog) -> None:
     assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]  # nor logged
 
 
+def test_two_workers_claiming_one_design_at_once_train_it_once(tmp_path, monkeypatch) -> None:
+    # Another worker's trial (a lower number, RUNNING) claims the design this worker drew between
+    # this worker's first look at the study and its own claim: the lower number keeps it.
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = optuna.create_study(study_name="default", storage=storage, direction="maximize")
+    other = study.ask()  # the other worker's trial: number 0, still running
+    space = {**TINY_SPACE, "base_width": [4]}
+    drawn: list[Architecture] = []
+    claimed: list[bool] = []
+    real_suggest, real_tried = trials_module._suggest_design, trials_module._tried_designs
+
+    def suggest(trial, families, max_params):
+        label, arch = real_suggest(trial, families, max_params)
+        drawn.append(arch)
+        return label, arch
+
+    def tried(study):
+        found = real_tried(study)
+        if len(drawn) == 1 and not claimed:  # after this worker's first look: the other's claim
+            other.set_user_attr("design", drawn[0].to_dict())
+            claimed.append(True)
+        return found
+
+    monkeypatch.setattr(trials_module, "_suggest_design", suggest)
+    monkeypatch.setattr(trials_module, "_tried_designs", tried)
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=1, space=space, storage=storage)
+    trained = [c.model.architecture() for c in trainer.configs]
+    assert len(drawn) == 2 and drawn[1] != drawn[0]  # the second draw is the nearest untried design
+    assert trained == [drawn[1]]
+    study = optuna.load_study(study_name="default", storage=result.storage)
+    first = study.trials[1]
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["duplicate"] == 0
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # untouched: it trains the design
+
+
 def test_study_resumes_and_refuses_another_space(tmp_path) -> None:
     trials(tmp_path, FakeTrainer(), n=2)
     result, events = trials(tmp_path, FakeTrainer(), n=1)

@@ -9,12 +9,13 @@ Only designs within the budget are drawn: the sampler chooses among the design f
 setting but the blocks) that have one, then each stage's blocks in what the budget leaves. A space
 with no design within the budget is refused before anything starts. A design the study already
 holds is not trained again: that draw is recorded as a failed trial that the leaderboard hides, and
-the next trial takes the nearest design the study does not hold. A design the trial config does
-not suit (``train.whiten_stem`` with an odd stem width, say) is recorded as a cheap trial in state
-``rejected`` (Optuna state PRUNED, user attribute ``rejected``). Neither counts towards ``trials``:
-a call trains ``trials`` trials unless the study comes to hold every design within the budget, or
-:data:`MAX_UNTRAINED_DRAWS` designs in a row are rejected, or a signal stops it
-(:attr:`SearchResult.stopped` says why).
+the next trial takes the nearest design the study does not hold. Workers sharing a study claim a
+design before training it; where two claim the same one at once, the lower trial number keeps it.
+A design the trial config does not suit (``train.whiten_stem`` with an odd stem width, say) is
+recorded as a cheap trial in state ``rejected`` (Optuna state PRUNED, user attribute ``rejected``).
+Neither counts towards ``trials``: a call trains ``trials`` trials unless the study comes to hold
+every design within the budget, or :data:`MAX_UNTRAINED_DRAWS` designs in a row are rejected, or a
+signal stops it (:attr:`SearchResult.stopped` says why).
 
 A trial that fails is Optuna's FAIL, with a user attribute that says why (the leaderboard's note):
 ``error`` when it diverged (the design stays in the study: it is not drawn again), ``interrupted``
@@ -225,7 +226,13 @@ class _Objective:
 
         label, arch = _suggest_design(trial, self.families, self.space.max_params)
         tried = _tried_designs(trial.study)
-        if arch in tried:  # not trained again: the next trial takes the nearest untried design
+        if arch not in tried:
+            # Claim it, then look again: a worker sharing the study may have drawn it between the
+            # two reads. Every claim is written before its check, so of two claims the later
+            # check sees both, and the lower trial number keeps the design.
+            trial.set_user_attr("design", arch.to_dict())
+            tried = _tried_designs(trial.study)
+        if tried[arch] != trial.number:  # not trained again: the next trial takes the nearest untried design
             untried = _untried_design(self.families, tried, self.space.max_params, (label, arch.blocks))
             if untried is not None:
                 label, blocks = untried
