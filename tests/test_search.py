@@ -665,6 +665,7 @@ def test_trials_train_each_design_within_the_budget_once(tmp_path, monkeypatch) 
     assert (data["trials_run"], data["trials_trained"]) == (6, 6)
     assert data["stopped"] == "the study holds every design within the budget (6)"
     assert "Trained 6 of 8 trials: the study holds every design within the budget (6)." in result.stderr
+    assert "" not in result.stderr.splitlines()  # no live display, nor its blank line, to a file
     listed = json.loads(invoke("--max-params", "100000", "--json").stdout)["candidates"]
     archs = [c.model.architecture() for c in trainer.configs]
     assert sorted(a.blocks for a in archs) == sorted(tuple(c["blocks"]) for c in listed)

@@ -173,8 +173,9 @@ class TrialsDisplay:
             f"study [bold]{e['study']}[/] ({e['storage']}): {count(e['existing_trials'], 'trial')} so far; "
             f"running {e['trials']} more"
         )
-        self.progress.start()
-        self.started = True
+        if self.console.is_terminal:  # to a file or pipe the finished-trial lines say it all
+            self.progress.start()
+            self.started = True
 
     def on_trial_start(self, e: dict[str, Any]) -> None:
         from rich.markup import escape
@@ -215,7 +216,7 @@ class TrialsDisplay:
         self.console.print(line + (f"  ({escape(note)})" if note else ""))
 
     def stop(self) -> None:
-        if self.started:  # rich writes a blank line when stopping what never started
+        if self.started:  # rich writes a blank line when stopping a display it never showed
             self.progress.stop()
 
 
