@@ -131,7 +131,7 @@ def cpu_speed(args) -> None:
     placement = resolve_placement("cpu", exp.train.precision, exp.train.channels_last, arch=arch)
     fp32 = resolve_placement("cpu", "fp32", True)
     ours = build_model(arch).to(memory_format=placement.memory_format)
-    train_images = exp.data.train_subset or TRAIN_IMAGES - exp.data.val_size
+    train_images = (exp.data.train_subset or TRAIN_IMAGES) - exp.data.val_size
     sides = {  # name: (model, optimizer, placement, images its recipe trains)
         exp.name: (ours, build_optimizer(ours, exp.train), placement, exp.train.epochs * train_images),
     }
@@ -143,17 +143,21 @@ def cpu_speed(args) -> None:
         sides[name] = (net, optimizer, fp32, round(epochs * TRAIN_IMAGES))
     batch = 128
     y = torch.randint(0, 10, (batch,))
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    synthetic = torch.randn(batch, 3, 32, 32)
+    inputs = {
+        name: synthetic.contiguous(memory_format=where.memory_format)
+        for name, (_, _, where, _) in sides.items()
+    }
     print(describe_machine())
     print(f"fp32 GEMM now: {gemm_gflops():.0f} GFLOP/s; {args.steps} steps of {batch} per measurement")
-    for model, optimizer, where, _ in sides.values():  # warm-up: oneDNN primitives for every shape
-        bare_steps_seconds(model, optimizer, x, y, where, 1)
+    for name, (model, optimizer, where, _) in sides.items():  # warm-up: oneDNN's primitives
+        bare_steps_seconds(model, optimizer, inputs[name], y, where, 1)
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for rep in range(args.reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             model, optimizer, where, _ = sides[name]
-            times[name].append(bare_steps_seconds(model, optimizer, x, y, where, args.steps))
+            times[name].append(bare_steps_seconds(model, optimizer, inputs[name], y, where, args.steps))
     print(f"\n{'design':<12} {'MACs':>7} {'img/s':>7} {'GMAC/s':>7} {'images':>9} {'minutes':>8}")
     for name, (model, _, _, images) in sides.items():
         rate = batch * args.steps / median(times[name])
@@ -162,6 +166,8 @@ def cpu_speed(args) -> None:
             f"{name:<12} {macs / 1e6:>6.1f}M {rate:>7.1f} {rate * macs / 1e9:>7.1f} {images:>9,} "
             f"{images / rate / 60:>8.1f}"
         )
+    if exp.train.prune_ratio:
+        print(f"({exp.name}: whole epochs; its data pruning trains fewer images, in proportion less time)")
 
 
 def main() -> None:

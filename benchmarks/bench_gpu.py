@@ -7,8 +7,9 @@ config's own training loop (``Trainer.run_epoch``: batch order, augmentation, th
 precision and layout, EMA, bookkeeping) on real training images, a bare forward + backward + SGD
 step of the same model on one synthetic batch, and one evaluation of the test images. Prints a
 line per measurement and, last, one JSON line with the rates and ``epochs``: how many epochs of
-the config's training split fit ``--minutes`` of training, counting one test evaluation per epoch
-(``train.test_every_epoch``) and ``--margin`` for the rest: on an H200 a 171-epoch run
+the config's training split fit ``--minutes`` of training (at least 1), counting one test evaluation
+per epoch (``train.test_every_epoch``), the validation split's evaluations (two with a weight EMA)
+when the config holds images out, and ``--margin`` for the rest: on an H200 a 171-epoch run
 of ResNet-24 took 1.93 s per epoch where the loop and one evaluation predicted 1.66 s, and a
 188-epoch run 1.69 s where they predicted 1.35 s (checkpoints, metrics and plots, start-up, and
 epochs that ran slower than the probe's).
@@ -130,14 +131,19 @@ def main() -> None:
         )
     bare_rate = steps * t.batch_size / median(times["bare"])
     loop_rate = n / median(times["loop"])
-    test_n = len(splits.test_labels)
+    test_n, val_n = len(splits.test_labels), len(splits.val_labels)
     eval_seconds = median(times["eval"])
-    epoch_seconds = train_n / loop_rate + eval_seconds
-    epochs = int(args.minutes * 60 * (1 - args.margin) // epoch_seconds)
+    # every epoch evaluates the validation split (twice with an EMA: both weights) and the test
+    # curve; the validation passes at the rate the test images were evaluated
+    val_passes = (2 if trainer.ema is not None else 1) if val_n else 0
+    evaluated = test_n + val_passes * val_n
+    epoch_seconds = train_n / loop_rate + eval_seconds * evaluated / test_n
+    epochs = max(int(args.minutes * 60 * (1 - args.margin) // epoch_seconds), 1)
+    val = f" + {val_passes} x {val_n:,} validation images" if val_passes else ""
     print(
         f"bare step {bare_rate:,.0f} img/s, in-loop {loop_rate:,.0f} img/s -> in-loop / bare = "
         f"{loop_rate / bare_rate:.1%}; evaluation {test_n / eval_seconds:,.0f} img/s; an epoch of "
-        f"{train_n:,} images + the test curve ~{epoch_seconds:.2f} s -> "
+        f"{train_n:,} images + the test curve{val} ~{epoch_seconds:.2f} s -> "
         f"{epochs} epochs in {args.minutes:g} min"
     )
     result = {
@@ -149,7 +155,7 @@ def main() -> None:
         "eval_images_per_sec": round(test_n / eval_seconds, 1),
         "epoch_seconds": round(epoch_seconds, 3),
         "minutes": args.minutes,
-        "epochs": max(epochs, 1),
+        "epochs": epochs,
     }
     print(json.dumps(result))
 

@@ -54,7 +54,7 @@ lr = 0.2
 
 
 def peak_rss_of(args: list[str]) -> tuple[float, str]:
-    """Peak RSS (MB) of a child process and its stdout."""
+    """Peak RSS (megabytes, 10^6 bytes) of a child process and its stdout."""
     with tempfile.TemporaryFile(mode="w+") as out:
         child = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         _, status, usage = os.wait4(child.pid, 0)
@@ -64,7 +64,7 @@ def peak_rss_of(args: list[str]) -> tuple[float, str]:
         if child.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {child.returncode}:\n{stderr[-3000:]}")
         out.seek(0)
-        return usage.ru_maxrss / 1024, out.read()
+        return usage.ru_maxrss * 1024 / 1e6, out.read()  # ru_maxrss: KiB on Linux
 
 
 def main() -> None:
@@ -95,7 +95,7 @@ def main() -> None:
     extra_images = 50_000 - 5_000
     print(
         f"  full - subset = {full - small:.1f} MB; the {extra_images:,} extra images are "
-        f"{extra_images * IMAGE_BYTES / 2**20:.1f} MiB as uint8"
+        f"{extra_images * IMAGE_BYTES / 1e6:.1f} MB as uint8"
     )
 
     print("evaluation of the 10,000 test images:")

@@ -122,7 +122,8 @@ def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, device: s
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size in megabytes (10^6 bytes; ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def train_job(

@@ -144,8 +144,9 @@ _EVALUATED_LOSSES = {
 
 
 def _peak_rss_mb() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+    """This process's peak resident set size in megabytes (10^6 bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e6
 
 
 class Run:
