@@ -61,9 +61,21 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR10_TRAIN_IMAGES = 50_000  # size of the official training set
 
 
+def _no_nul(value: Any) -> Any:
+    """Text settings name folders, files and addresses, none of which can hold a NUL character."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{value!r} holds a NUL character")
+    return value
+
+
 class Section(BaseModel):
     # inf/nan are valid TOML floats but never a usable setting (lr = inf, mean = [nan, ...])
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _check_text(cls, value: Any) -> Any:
+        return _no_nul(value)
 
 
 class ModelConfig(Section):
@@ -405,6 +417,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str, info: ValidationInfo) -> str:
+        _no_nul(name)
         # A checkpoint's stored config predates the rule: it still loads (its folder exists).
         if ("/" in name or "\\" in name) and not _stored(info):
             raise ValueError(f"{name!r} holds a path separator; the run folder is named after it")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import random
 import resource
@@ -42,6 +43,7 @@ from cerberus.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
     unverified_note,
+    verify_checkpoint,
 )
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
@@ -77,13 +79,33 @@ def default_out_dir(config: ExperimentConfig) -> Path:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the training loop checks it after every step."""
+    """Set by SIGINT/SIGTERM; the training loop checks it after every step.
+
+    Within :meth:`at_once` (loading the data, the final test: work with nothing to save midway) a
+    signal raises :class:`~cerberus.errors.Interrupted` at once instead.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.stops_at: str | None = None  # while set, a signal stops now: "<where>; <what is kept>"
 
     def __call__(self) -> bool:
         return self.signum is not None
+
+    @contextlib.contextmanager
+    def at_once(self, where: str) -> Iterator[None]:
+        if self.signum is not None:  # it came just before
+            raise _interrupted(self.signum, where)
+        self.stops_at = where
+        try:
+            yield
+        finally:
+            self.stops_at = None
+
+
+def _interrupted(signum: int, where: str) -> Interrupted:
+    name, code = ("SIGINT", 130) if signum == signal.SIGINT else ("SIGTERM", 143)
+    return Interrupted(f"stopped by {name} {where}", code)
 
 
 @contextlib.contextmanager
@@ -95,6 +117,10 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
         return
 
     def handler(signum, _frame):
+        if flag.stops_at is not None:
+            flag.signum, where = signum, flag.stops_at
+            flag.stops_at = None  # raised once: the cleanup it triggers is not interrupted again
+            raise _interrupted(signum, where)
         if flag.signum is not None:  # a second signal: stop now
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
@@ -292,6 +318,15 @@ class Run:
                 if ckpt.get("pruner") is None:
                     raise ValueError("it holds no data-pruning scores (train.prune_ratio was 0)")
                 self.trainer.pruner.load_state_dict(ckpt["pruner"])
+            for key in ("epoch", "step"):
+                if not isinstance(ckpt[key], int) or isinstance(ckpt[key], bool) or ckpt[key] < 0:
+                    raise ValueError(f"its {key} is {ckpt[key]!r}, not a count")
+            metrics = list(ckpt.get("metrics", []))
+            if not all(isinstance(m, dict) and m.keys() >= _METRIC_KEYS for m in metrics):
+                raise ValueError(
+                    f"its metrics are not epoch records (each has {', '.join(sorted(_METRIC_KEYS))})"
+                )
+            state = EpochState(**ckpt.get("epoch_state", {}))
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             # The weights were checked before anything was written; the rest of the state is
             # only known to fit when PyTorch loads it.
@@ -299,10 +334,9 @@ class Run:
                 f"the training state in last.pt does not fit this run ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else 'no details'}); it cannot be resumed"
             ) from None
-        self.metrics = list(ckpt.get("metrics", []))
+        self.metrics = metrics
         self.best_val = ckpt.get("best_val_accuracy")
         self.best_epoch = ckpt.get("best_epoch")
-        state = EpochState(**ckpt.get("epoch_state", {}))
         self.wall_start -= ckpt.get("elapsed_seconds", 0.0)  # elapsed time continues
         return ckpt["epoch"], ckpt["step"], state
 
@@ -663,6 +697,9 @@ class Run:
         return summary
 
 
+# What every epoch's line in last.pt's metrics holds, that the run reads back.
+_METRIC_KEYS = frozenset({"epoch", "train_loss", "train_accuracy", "train_images_per_sec"})
+
 RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl")  # a fresh run would replace them
 
 
@@ -682,11 +719,23 @@ def _check_out_dir(out_dir: Path, resuming: bool) -> None:
         )
 
 
-def _make_out_dir(out_dir: Path) -> None:
+def _make_out_dir(out_dir: Path, new: bool = False) -> Path:
+    """Create the run directory and return it. ``new`` (the default ``runs/<name>-<time>``): always
+    a folder of its own, ``<name>-<time>-2``, ``-3``, ... where runs started in the same second."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not new:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return out_dir
+        for number in itertools.count(1):
+            folder = out_dir if number == 1 else out_dir.with_name(f"{out_dir.name}-{number}")
+            try:
+                folder.mkdir(parents=True)
+                return folder
+            except FileExistsError:
+                continue
     except OSError as err:
         raise ConfigError(f"cannot create the run directory {out_dir}: {err.strerror or err}") from None
+    raise AssertionError("unreachable")
 
 
 # What a last.pt must hold for a run to continue from it.
@@ -739,12 +788,22 @@ def train_run(
         if ckpt.get("ema") is not None:
             check_weights_fit(expected, ckpt["ema"], resume)
         out_dir = resume.parent
-        if ckpt.get("best_epoch") is not None and not (out_dir / "best.pt").is_file():
-            raise CheckpointError(
-                f"{out_dir / 'best.pt'} is missing: {resume.name} names epoch {ckpt['best_epoch']} as "
-                "the best so far, whose weights only best.pt holds; put it back beside "
-                f"{resume.name} to resume"
-            )
+        if ckpt.get("best_epoch") is not None:  # its weights are in best.pt alone: checked now
+            best = out_dir / "best.pt"
+            if not best.is_file():
+                raise CheckpointError(
+                    f"{best} is missing: {resume.name} names epoch {ckpt['best_epoch']} as the best "
+                    f"so far, whose weights only best.pt holds; put it back beside {resume.name} to "
+                    "resume"
+                )
+            try:
+                verify_checkpoint(best)
+            except CheckpointError as err:
+                raise CheckpointError(
+                    f"{err}: {resume.name} names epoch {ckpt['best_epoch']} as the best so far, whose "
+                    f"weights only best.pt holds; put back an intact copy beside {resume.name} to "
+                    "resume"
+                ) from None
         recorded = config.data.root
         if data_dir is None and recorded is not None and not Path(recorded).expanduser().is_dir():
             raise ConfigError(
@@ -765,11 +824,15 @@ def train_run(
     # Under torchrun every rank trains; rank 0 alone owns the run directory (lock, files).
     dist = DistContext.from_env(config.train.device)
     try:
-        if out_dir is None:  # one timestamp for all ranks
+        new_dir = out_dir is None  # runs/<name>-<time>, made new (numbered) by rank 0
+        if new_dir:  # one timestamp for all ranks
             out_dir = dist.from_main(default_out_dir, config)
         out_dir = Path(out_dir)
         stop = StopFlag()
         signals = stop_on_signals(stop) if handle_signals else contextlib.nullcontext()
+        # Loading the data and the final test have nothing to save midway: a signal stops them at
+        # once (one process only: under torchrun the others would wait in a collective call).
+        at_once = stop.at_once if not dist.active else lambda where: contextlib.nullcontext()
         with contextlib.ExitStack() as lock, signals:
             run = Run(config, out_dir, on_event, save_checkpoints, dist)
             with dist.agreement():  # what may fail on one rank only fails on all
@@ -786,16 +849,19 @@ def train_run(
                         "train.channels_last = false",
                         field="train.channels_last",
                     ) from None
-                if dist.is_main:
+                if dist.is_main and not new_dir:
                     _check_out_dir(out_dir, resuming=ckpt is not None)
-                run.load_data()  # data problems are refused before anything is written
+                with at_once("while the data loaded, before anything was written"):
+                    run.load_data()  # data problems are refused before anything is written
                 if dist.is_main:
-                    _make_out_dir(out_dir)
+                    out_dir = run.out_dir = _make_out_dir(out_dir, new=new_dir)
                     lock.enter_context(run_lock(out_dir))
                     # Again under the lock: a run may have finished there while the data loaded.
                     _check_out_dir(out_dir, resuming=ckpt is not None)
                     remove_stale_temporaries(out_dir)
                     atomic_write(out_dir / "config.toml", config.to_toml())
+            if new_dir and dist.active:  # the folder rank 0 made
+                out_dir = run.out_dir = Path(dist.from_main(str, out_dir))
             run.setup()
             start_epoch, start_step, state = 0, 0, EpochState()
             if ckpt is not None:
@@ -803,7 +869,15 @@ def train_run(
                 del ckpt
                 run.adopt_newer_best()
             run.train(start_epoch, start_step, state, stop)
-            summary = run.finish(evaluate_test)
+            final = contextlib.nullcontext()
+            if evaluate_test and save_checkpoints:
+                final = at_once(
+                    f"during the final test; last.pt and best.pt hold all {config.train.epochs} epochs. "
+                    f"Finish the run (the test and summary.json) with: cerberus train --resume "
+                    f"{out_dir / 'last.pt'}"
+                )
+            with final:
+                summary = run.finish(evaluate_test)
     except torch.OutOfMemoryError:
         raise CerberusError(
             "the device ran out of memory: lower train.batch_size or train.eval_batch_size"

@@ -399,3 +399,20 @@ def test_a_run_name_with_a_path_separator_is_refused_unless_read_back_from_a_che
             config_from_dict({"name": name})
         # a checkpoint written before the rule still loads: its run folder exists already
         assert config_from_dict({"name": name}, stored=True).name == name
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"name": "a\x00b"}, "name"),
+        ({"data": {"root": "/tmp/\x00x"}}, "data.root"),
+        ({"data": {"url": "file:///\x00"}}, "data.url"),
+    ],
+)
+def test_text_settings_holding_a_nul_character_are_refused(data, key) -> None:
+    # a folder, file or address cannot hold one: refused here rather than by the OS mid-run
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert str(info.value).splitlines()[1].startswith(f"{key}: ") and "holds a NUL character" in str(
+        info.value
+    )

@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from cerberus.checkpoint import load_checkpoint, sidecar_path
 from cerberus.cli import app
 from cerberus.config import load_config
+from cerberus.errors import Interrupted
 from cerberus.runner import train_run
 
 # 400 training images in batches of 20: 20 steps per epoch, 2 epochs. EMA, crops and flips make
@@ -648,3 +649,132 @@ def test_an_unusable_run_directory_is_one_error(tmp_path, fake_cifar, config_fil
     result = invoke("train", *train_args(config_file, fake_cifar, blocker / "run"))
     stderr = assert_clean_error(result, code=2)
     assert f"cannot create the run directory {blocker / 'run'}" in stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Signals outside the epochs: loading the data and the final test stop at once
+
+
+@pytest.mark.parametrize(
+    "signum, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")]
+)
+def test_a_signal_during_the_final_test_stops_it_and_a_resume_finishes_the_run(
+    tmp_path, fake_cifar, config_file, reference, monkeypatch, signum, code, name
+):
+    import cerberus.runner as runner
+
+    real, calls = runner.Run.evaluate_best_on_test, []
+
+    def signalled(self):  # the signal arrives while the test runs (the first time only)
+        calls.append(signum)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)
+        return real(self)
+
+    monkeypatch.setattr(runner.Run, "evaluate_best_on_test", signalled)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as stopped:
+        train_run(load_config(config_file), out_dir=run, data_dir=str(fake_cifar))
+    assert stopped.value.exit_code == code
+    assert str(stopped.value) == (
+        f"stopped by {name} during the final test; last.pt and best.pt hold all {EPOCHS} epochs. "
+        f"Finish the run (the test and summary.json) with: cerberus train --resume {run / 'last.pt'}"
+    )
+    assert not (run / "summary.json").exists() and (run / "last.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    train_run(resume=run / "last.pt")  # tests again, and writes the summary
+    assert len(calls) == 2
+    assert_matches_reference(run, reference)
+
+
+def test_a_signal_while_the_data_loads_stops_before_anything_is_written(
+    tmp_path, fake_cifar, config_file, monkeypatch
+):
+    import cerberus.runner as runner
+
+    real = runner.Run.load_data
+
+    def signalled(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(runner.Run, "load_data", signalled)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as stopped:
+        train_run(load_config(config_file), out_dir=run, data_dir=str(fake_cifar))
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == "stopped by SIGINT while the data loaded, before anything was written"
+    assert not run.exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(
+    tmp_path, fake_cifar, config_file, monkeypatch
+):
+    """The default runs/<name>-<time> of another run started in the same second (here: one that
+    holds a last.pt already) is not this run's: it gets <name>-<time>-2, the next -3."""
+    import cerberus.runner as runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "default_out_dir", lambda config: Path("runs") / "reliable-20261127-120000")
+    other = tmp_path / "runs" / "reliable-20261127-120000"
+    other.mkdir(parents=True)
+    (other / "last.pt").write_bytes(b"another run's")
+    config = load_config(config_file).model_copy(
+        update={"train": load_config(config_file).train.model_copy(update={"epochs": 1})}
+    )
+    first = train_run(config, data_dir=str(fake_cifar), handle_signals=False)
+    second = train_run(config, data_dir=str(fake_cifar), handle_signals=False)
+    assert first.out_dir == Path("runs/reliable-20261127-120000-2")
+    assert second.out_dir == Path("runs/reliable-20261127-120000-3")
+    assert (first.out_dir / "summary.json").exists() and (second.out_dir / "summary.json").exists()
+    assert sorted(p.name for p in other.iterdir()) == ["last.pt"]
+
+
+def test_a_damaged_best_pt_is_refused_before_a_resume_trains(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    _flip_a_byte(run / "best.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    stderr = assert_clean_error(invoke("train", "--resume", run / "last.pt"))
+    best_epoch = load_checkpoint(run / "last.pt")["best_epoch"]
+    assert stderr == (
+        f"Error: checksum mismatch: {run / 'best.pt'} is corrupt or was modified: last.pt names epoch "
+        f"{best_epoch} as the best so far, whose weights only best.pt holds; put back an intact copy "
+        "beside last.pt to resume\n"
+    )
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        (
+            "epoch_state",
+            {"foo": 1},
+            "TypeError: EpochState.__init__() got an unexpected keyword argument 'foo'",
+        ),
+        ("epoch", "x", "ValueError: its epoch is 'x', not a count"),
+        ("step", -1, "ValueError: its step is -1, not a count"),
+        (
+            "metrics",
+            [{"epoch": 1}],
+            "ValueError: its metrics are not epoch records (each has epoch, train_accuracy, "
+            "train_images_per_sec, train_loss)",
+        ),
+    ],
+)
+def test_a_last_pt_with_a_malformed_field_is_refused_cleanly(tmp_path, reference, field, value, problem):
+    """A last.pt whose checksum holds but whose training state was written by something else."""
+    from cerberus.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    payload = load_checkpoint(run / "last.pt")
+    payload[field] = value
+    save_checkpoint(run / "last.pt", payload)
+    stderr = assert_clean_error(invoke("train", "--resume", run / "last.pt"))
+    assert (
+        stderr
+        == f"Error: the training state in last.pt does not fit this run ({problem}); it cannot be resumed\n"
+    )
