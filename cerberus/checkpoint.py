@@ -41,7 +41,10 @@ FORMAT_VERSION = 1
 
 _CHUNK = 1 << 20  # bytes read at a time when hashing
 _WRAPPER_KEYS = ("model", "net", "state_dict", "model_state_dict")  # where other code puts weights
-_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
+# added by DataParallel/DDP and torch.compile, and by wrappers that hold the network as an
+# attribute (a PyTorch Lightning module's ``self.model`` or ``self.net``); stripped where every key
+# has one: no name of this family starts so
+_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 _RESAVE_HINT = (
     "load it in the code that made it and save the weights alone: "
     'torch.save(model.state_dict(), "weights.pt")'
@@ -293,6 +296,29 @@ def _describe_load_failure(path: Path, err: Exception, trust_hint: str | None) -
     return CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__})")
 
 
+def _numpy_globals() -> list[Any]:
+    """What numpy numbers and arrays beside the weights need (``{"net": ..., "acc":
+    np.float64(93.1)}``, as some training scripts save): numpy's scalar and array rebuilders and
+    its plain dtypes, under numpy 1's and 2's module names. None of them runs code: the same names
+    :data:`cerberus.safe_pickle.SAFE_GLOBALS` allows; object arrays stay refused."""
+    import importlib
+    import warnings
+
+    import numpy as np
+
+    found: list[Any] = [np.dtype, np.ndarray]
+    found += sorted({type(np.dtype(code)) for code in np.typecodes["All"] if code not in "OV"}, key=str)
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            with warnings.catch_warnings():  # numpy 2 warns that numpy.core is private
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [(getattr(module, name), f"{module_name}.{name}") for name in ("scalar", "_reconstruct")]
+    return found
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -326,7 +352,11 @@ def load_checkpoint(
     elif not head.startswith(_LEGACY_MAGIC):
         raise _not_a_checkpoint(path, head)  # torch.load is not even tried: nothing is unpickled
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        allowed = (
+            contextlib.nullcontext() if trust_pickle else torch.serialization.safe_globals(_numpy_globals())
+        )
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (AttributeError, ModuleNotFoundError) as err:
         if not trust_pickle:
             raise _describe_load_failure(path, err, trust_hint) from None
@@ -389,9 +419,18 @@ def state_dict_from(obj: Any) -> dict[str, torch.Tensor]:
                 obj = inner
                 break
     if not _is_tensor_dict(obj):
+        wrappers = ", ".join(repr(k) for k in _WRAPPER_KEYS)
+        if isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values()):
+            # weights with other things beside them ({"conv1.weight": ..., "epoch": 3}, say)
+            others = [
+                f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)
+            ]
+            raise CheckpointError(
+                f"found model weights mixed with entries that are not tensors: {', '.join(others[:6])}"
+                f"{', ...' if len(others) > 6 else ''}; save the state_dict alone, or under one of {wrappers}"
+            )
         raise CheckpointError(
-            f"found {_describe(obj)}, not model weights (expected a state_dict, or one under "
-            f"{', '.join(repr(k) for k in _WRAPPER_KEYS)})"
+            f"found {_describe(obj)}, not model weights (expected a state_dict, or one under {wrappers})"
         )
     state = dict(obj)
     # torch.optim.swa_utils.AveragedModel adds its averaging count beside the model's weights.

@@ -328,10 +328,13 @@ def load_model(
         if note is not None:
             info["notes"].append(note)
     else:
+        state = None
         try:
             state = state_dict_from(obj)
             arch = infer_architecture(state, **overrides)
         except CheckpointError as err:  # what the weights lack or hold, and in which file
+            if overrides and _infers(state):  # they are a design, not the one the overrides ask
+                raise _overrides_misfit(overrides, err) from None
             message = str(err)
             raise CheckpointError(message if str(path) in message else f"{path}: {message}") from None
         info.update(source="state_dict", weights="model", config=None)
@@ -350,13 +353,29 @@ def load_model(
         if not overrides:  # (only plain state_dicts take them)
             raise
         # The weights were read as the design the overrides asked for: the overrides are at fault.
-        names = ", ".join(f"{key} = {value!r}" for key, value in overrides.items())
-        detail = f"the weights do not fit the design with {names} ({err})"
-        field = next(iter(overrides)) if len(overrides) == 1 else None
-        raise ConfigError(f"design overrides: {detail}", field=field, detail=detail) from None
+        raise _overrides_misfit(overrides, err) from None
     model.eval()
     info.update(architecture=arch.to_dict(), params=count_params(arch))
     return model, info
+
+
+def _overrides_misfit(overrides: dict[str, Any], err: Exception) -> ConfigError:
+    """The error for design overrides that the weights do not fit, naming the override when one."""
+    names = ", ".join(f"{key} = {value!r}" for key, value in overrides.items())
+    detail = f"the weights do not fit the design with {names} ({err})"
+    field = next(iter(overrides)) if len(overrides) == 1 else None
+    return ConfigError(f"design overrides: {detail}", field=field, detail=detail)
+
+
+def _infers(state: dict[str, torch.Tensor] | None) -> bool:
+    """Whether the weights read as a design of the family with nothing overridden."""
+    if state is None:
+        return False
+    try:
+        infer_architecture(state)
+    except CerberusError:
+        return False
+    return True
 
 
 def _fits_pooling(state: dict[str, torch.Tensor], overrides: dict[str, Any]) -> bool:

@@ -262,8 +262,16 @@ def predict_unlabeled(
     from cerberus.evaluate import TTA_VIEWS, prepare_inference, run_tta
 
     _check_layout(layout)
+    from cerberus.checkpoint import sidecar_path
+
     _check_distinct(
-        {"the checkpoint": checkpoint, "--input": input_path, "--output": output, "--probs": probs_path}
+        {
+            "the checkpoint": checkpoint,
+            "the checkpoint's checksum file": sidecar_path(Path(checkpoint)),
+            "--input": input_path,
+            "--output": output,
+            "--probs": probs_path,
+        }
     )
     run = prepare_inference(
         checkpoint,

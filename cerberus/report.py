@@ -35,7 +35,12 @@ def params_table(summary: dict[str, Any]) -> Table:
     table.add_column("MACs", justify="right")
     stem_side = summary["stem_side"]
     table.add_row(
-        "stem", "", str(arch["stem_channels"]), f"{stem_side}x{stem_side}", f"{summary['stem_params']:,}", ""
+        "stem",
+        "",
+        str(arch["stem_channels"]),
+        f"{stem_side}x{stem_side}",
+        f"{summary['stem_params']:,}",
+        f"{summary['stem_macs']:,}",
     )
     for stage in summary["stages"]:
         side = stage["side"]
@@ -53,7 +58,7 @@ def params_table(summary: dict[str, Any]) -> Table:
         f"pool {arch['pool_size']}",
         str(arch["num_classes"]),
         f"{summary['head_params']:,}",
-        "",
+        f"{summary['head_macs']:,}",
     )
     table.add_section()
     table.add_row("total", "", "", "", f"{summary['params']:,}", f"{summary['macs']:,}")

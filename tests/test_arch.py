@@ -125,7 +125,10 @@ def test_summary_parts_add_up() -> None:
     assert [s["side"] for s in result["stages"]] == [32, 16, 8]
     parts = result["stem_params"] + sum(s["params"] for s in result["stages"]) + result["head_params"]
     assert parts == result["params"]
-    assert sum(s["macs"] for s in result["stages"]) < result["macs"]
+    assert (result["stem_macs"], result["head_macs"]) == (64 * 9 * 3 * 32 * 32, 256 * 10)
+    assert (
+        result["stem_macs"] + sum(s["macs"] for s in result["stages"]) + result["head_macs"] == result["macs"]
+    )
     assert result["within_budget"] is True
     assert result["headroom"] == 81_398
     assert result["architecture"]["pool_size"] == 8
@@ -400,3 +403,12 @@ def test_counting_does_not_import_torch() -> None:
     code = "import cerberus.arch, cerberus.config, cerberus.search, sys; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_counts_of_a_huge_design_are_instant() -> None:
+    # closed form per stage: a billion blocks counts as fast as one (no list of blocks is built)
+    arch = Architecture(blocks=(10**9, 1), channels=(16, 32))
+    one = Architecture(blocks=(1, 1), channels=(16, 32))
+    block = 2 * (9 * 16 * 16 + 2 * 16)  # each later block of stage 1: two 3x3 convs + BN
+    assert count_params(arch) == count_params(one) + (10**9 - 1) * block
+    assert count_macs(arch) == count_macs(one) + (10**9 - 1) * 2 * 9 * 16 * 16 * 32 * 32

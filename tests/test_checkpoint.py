@@ -377,6 +377,8 @@ def test_state_dict_from_accepts_the_usual_wrappers():
         {"model_state_dict": plain, "optimizer_state_dict": {}},
         prefixed,
         {f"module._orig_mod.{k}": v for k, v in plain.items()},
+        {"state_dict": {f"model.{k}": v for k, v in plain.items()}, "pytorch-lightning_version": "2.4"},
+        {f"net.{k}": v for k, v in plain.items()},
         model,
         nn.DataParallel(model),
     ):
@@ -543,3 +545,30 @@ def test_inference_names_the_inconsistent_key():
 
     with pytest.raises(ConfigError, match="unknown architecture field 'depth'"):
         infer_architecture(tiny_model().state_dict(), depth=3)
+
+
+def test_weights_mixed_with_other_entries_name_them():
+    state = {**tiny_model().state_dict(), "epoch": 3, "acc": 27.3}
+    with pytest.raises(CheckpointError) as info:
+        state_dict_from(state)
+    assert str(info.value) == (
+        "found model weights mixed with entries that are not tensors: 'epoch' (int), 'acc' (float); "
+        "save the state_dict alone, or under one of 'model', 'net', 'state_dict', 'model_state_dict'"
+    )
+
+
+def test_numpy_numbers_beside_the_weights_load_without_trust_but_object_arrays_do_not(tmp_path):
+    import numpy as np
+
+    plain = tiny_model().state_dict()
+    path = tmp_path / "np.pt"
+    torch.save({"net": plain, "acc": np.float64(27.3), "epoch": np.int64(3), "hist": np.arange(3.0)}, path)
+    loaded = load_checkpoint(path)
+    assert (
+        loaded["acc"] == np.float64(27.3) and loaded["epoch"] == 3 and list(loaded["hist"]) == [0.0, 1.0, 2.0]
+    )
+    assert list(state_dict_from(loaded)) == list(plain)
+    unsafe = tmp_path / "object.pt"
+    torch.save({"net": plain, "notes": np.array([1, "a"], dtype=object)}, unsafe)
+    with pytest.raises(CheckpointError, match="could run arbitrary code"):
+        load_checkpoint(unsafe)

@@ -454,3 +454,22 @@ def test_a_ctrl_c_while_a_class_is_defined_exits_130_without_a_traceback(monkeyp
     monkeypatch.setattr(cerberus.cli, "app", crash)
     with pytest.raises(RuntimeError, match="a real error"):  # anything else is not hidden
         cerberus.cli.main()
+
+
+def test_a_stray_value_read_as_the_config_file_is_named() -> None:
+    result = CliRunner().invoke(app, ["count-params", "--blocks", "1", "1", "1", "--conv-kernel", "3", "5"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: give either a config file or design flags (--blocks, --conv-kernel), not both; '5' was "
+        "read as the config file (a flag other than --blocks and --channels takes one value)\n"
+    )
+
+
+def test_list_options_take_the_equals_form() -> None:
+    spaced = CliRunner().invoke(
+        app, ["count-params", "--blocks", "2", "1", "--channels", "8", "16", "--json"]
+    )
+    equals = CliRunner().invoke(app, ["count-params", "--blocks=2", "1", "--channels=8", "16", "--json"])
+    assert equals.exit_code == 0, equals.output
+    assert json.loads(equals.stdout) == json.loads(spaced.stdout)
+    assert json.loads(equals.stdout)["architecture"]["blocks"] == [2, 1]

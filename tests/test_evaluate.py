@@ -618,6 +618,13 @@ def test_eval_errors_name_the_flag(weights, fake_cifar):
     result = runner.invoke(app, [*args, "--downsample", "avg"])
     assert result.exit_code == 2
     assert result.stderr == "Error: --downsample: must be 'stride' or 'pool', got 'avg'\n"
+    same = weights.parent / "same.pt"  # a strided stage of the same width: a projection no pooling design has
+    torch.save(build_model(Architecture(blocks=(1, 1), channels=(16, 16))).state_dict(), same)
+    result = runner.invoke(app, ["eval", str(same), "--data-dir", str(fake_cifar), "--downsample", "pool"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "Error: --downsample: the weights do not fit the design with downsample = 'pool' ("
+    )
     result = runner.invoke(app, [*args, "--device", "cpu", "--precision", "fp16"])
     assert result.exit_code == 2
     assert result.stderr == "Error: --precision: fp16 is not supported on the CPU; use bf16 or fp32\n"

@@ -402,6 +402,14 @@ def test_predict_refuses_two_options_naming_one_file(tmp_path, weights):
         assert result.exit_code == 2, result.output
         assert f"Error: the checkpoint and {flag} both name {weights.resolve()}" in result.stderr
     assert weights.read_bytes() == model_bytes
+    sidecar = weights.with_name(weights.name + ".sha256")
+    sidecar.write_text("0" * 64 + f"  {weights.name}\n")
+    result = runner.invoke(app, ["predict", str(weights), "--input", str(source), "--output", str(sidecar)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"Error: the checkpoint's checksum file and --output both name {sidecar.resolve()}; "
+        "give each its own file\n"
+    )
 
 
 def test_predict_refuses_a_hard_link_to_the_input(tmp_path, weights):

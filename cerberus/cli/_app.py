@@ -46,7 +46,11 @@ class MultiValueCommand(TyperCommand):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         expanded: list[str] = []
         current, awaiting = None, False  # the list option being read; no value seen yet
-        for token in args:
+        split: list[str] = []
+        for token in args:  # --blocks=3 reads as --blocks 3
+            name, equals, value = token.partition("=")
+            split += [name, value] if equals and name in self.value_patterns else [token]
+        for token in split:
             if token in self.value_patterns:
                 if awaiting:
                     expanded.append(current)  # no value followed: let click report it

@@ -83,7 +83,11 @@ def count_params_command(
     if config is not None:
         if given:
             flags = ", ".join(FLAGS[name] for name in given)
-            raise fail(f"give either a config file or design flags ({flags}), not both", 2)
+            raise fail(
+                f"give either a config file or design flags ({flags}), not both; {str(config)!r} was "
+                "read as the config file (a flag other than --blocks and --channels takes one value)",
+                2,
+            )
         from cerberus.config import load_config
 
         model = load_config(config, enforce_budget=False).model
