@@ -282,6 +282,13 @@ def _describe_load_failure(path: Path, err: Exception, trust_hint: str | None) -
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
         names = _unsafe_globals(err)
         held = f" ({names})" if names else ""
+        if names and trust_hint is not None and all(n.startswith("numpy.") for n in names.split(", ")):
+            # numpy numbers beside the weights ({"net": ..., "acc": np.float64(93.1)}): the
+            # weights-only loader reads tensors and plain Python values, nothing of numpy's
+            return CheckpointError(
+                f"{path} holds numpy values beside the weights{held}, which the weights-only loader "
+                f"does not read. If you trust the file, {trust_hint}; better, {_RESAVE_HINT}"
+            )
         if trust_hint is None:
             return CheckpointError(
                 f"{path} holds pickled Python objects{held}, not just weights; it is not a "
@@ -294,29 +301,6 @@ def _describe_load_failure(path: Path, err: Exception, trust_hint: str | None) -
             f"better, {_RESAVE_HINT}"
         )
     return CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__})")
-
-
-def _numpy_globals() -> list[Any]:
-    """What numpy numbers and arrays beside the weights need (``{"net": ..., "acc":
-    np.float64(93.1)}``, as some training scripts save): numpy's scalar and array rebuilders and
-    its plain dtypes, under numpy 1's and 2's module names. None of them runs code: the same names
-    :data:`cerberus.safe_pickle.SAFE_GLOBALS` allows; object arrays stay refused."""
-    import importlib
-    import warnings
-
-    import numpy as np
-
-    found: list[Any] = [np.dtype, np.ndarray]
-    found += sorted({type(np.dtype(code)) for code in np.typecodes["All"] if code not in "OV"}, key=str)
-    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            with warnings.catch_warnings():  # numpy 2 warns that numpy.core is private
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        found += [(getattr(module, name), f"{module_name}.{name}") for name in ("scalar", "_reconstruct")]
-    return found
 
 
 def load_checkpoint(
@@ -352,11 +336,7 @@ def load_checkpoint(
     elif not head.startswith(_LEGACY_MAGIC):
         raise _not_a_checkpoint(path, head)  # torch.load is not even tried: nothing is unpickled
     try:
-        allowed = (
-            contextlib.nullcontext() if trust_pickle else torch.serialization.safe_globals(_numpy_globals())
-        )
-        with allowed:
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (AttributeError, ModuleNotFoundError) as err:
         if not trust_pickle:
             raise _describe_load_failure(path, err, trust_hint) from None

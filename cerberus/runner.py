@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import itertools
 import math
 import random
 import resource
@@ -99,8 +98,21 @@ class StopFlag:
         self.stops_at = where
         try:
             yield
+        except _StopNow as stop:
+            raise _interrupted(stop.signum, where) from None
         finally:
             self.stops_at = None
+
+
+class _StopNow(BaseException):
+    """Raised by the signal handler within :meth:`StopFlag.at_once`, which turns it into
+    :class:`~cerberus.errors.Interrupted`. A BaseException, so that the ``except Exception`` of
+    the code it interrupts (a file read reporting corruption, say) lets it through, while
+    ``finally`` and ``except BaseException`` clean-ups still run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _interrupted(signum: int, where: str) -> Interrupted:
@@ -118,9 +130,9 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
 
     def handler(signum, _frame):
         if flag.stops_at is not None:
-            flag.signum, where = signum, flag.stops_at
+            flag.signum = signum
             flag.stops_at = None  # raised once: the cleanup it triggers is not interrupted again
-            raise _interrupted(signum, where)
+            raise _StopNow(signum)
         if flag.signum is not None:  # a second signal: stop now
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
@@ -198,6 +210,8 @@ class Run:
         self.pending_best: dict[str, Any] | None = None  # best.pt not written yet (save_every_epochs)
         self.plotted: tuple[int, float] = (0, 0.0)  # (epochs in curves.png, when it was drawn)
         self.wall_start = time.perf_counter()
+        # around the final test: where a signal stops it at once (train_run sets it)
+        self.final_test: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -670,7 +684,8 @@ class Run:
             "test_tta": self.config.train.test_tta,
         }
         if evaluate_test and len(self.splits.test_labels):
-            test = self.dist.from_main(self.evaluate_best_on_test)
+            with self.final_test:  # a signal during the test stops it (one process)
+                test = self.dist.from_main(self.evaluate_best_on_test)
             summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
             self.emit({"event": "test", "test_accuracy": test["accuracy"], "test_loss": test["loss"]})
         rates = [m["train_images_per_sec"] for m in self.metrics]
@@ -719,6 +734,9 @@ def _check_out_dir(out_dir: Path, resuming: bool) -> None:
         )
 
 
+_MAX_SAME_SECOND = 1000  # default run folders numbered for runs started in one second
+
+
 def _make_out_dir(out_dir: Path, new: bool = False) -> Path:
     """Create the run directory and return it. ``new`` (the default ``runs/<name>-<time>``): always
     a folder of its own, ``<name>-<time>-2``, ``-3``, ... where runs started in the same second."""
@@ -726,16 +744,20 @@ def _make_out_dir(out_dir: Path, new: bool = False) -> Path:
         if not new:
             out_dir.mkdir(parents=True, exist_ok=True)
             return out_dir
-        for number in itertools.count(1):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for number in range(1, _MAX_SAME_SECOND + 1):  # only the folder itself may exist already
             folder = out_dir if number == 1 else out_dir.with_name(f"{out_dir.name}-{number}")
             try:
-                folder.mkdir(parents=True)
+                folder.mkdir()
                 return folder
             except FileExistsError:
                 continue
     except OSError as err:
         raise ConfigError(f"cannot create the run directory {out_dir}: {err.strerror or err}") from None
-    raise AssertionError("unreachable")
+    raise ConfigError(
+        f"cannot create the run directory {out_dir}: it and {_MAX_SAME_SECOND - 1} numbered ones exist; "
+        "choose another --out"
+    )
 
 
 # What a last.pt must hold for a run to continue from it.
@@ -869,15 +891,14 @@ def train_run(
                 del ckpt
                 run.adopt_newer_best()
             run.train(start_epoch, start_step, state, stop)
-            final = contextlib.nullcontext()
             if evaluate_test and save_checkpoints:
-                final = at_once(
-                    f"during the final test; last.pt and best.pt hold all {config.train.epochs} epochs. "
-                    f"Finish the run (the test and summary.json) with: cerberus train --resume "
-                    f"{out_dir / 'last.pt'}"
+                epochs = config.train.epochs
+                run.final_test = at_once(
+                    f"during the final test; last.pt and best.pt hold all {epochs} "
+                    f"epoch{'s' if epochs != 1 else ''}. Finish the run (the test and summary.json) "
+                    f"with: cerberus train --resume {out_dir / 'last.pt'}"
                 )
-            with final:
-                summary = run.finish(evaluate_test)
+            summary = run.finish(evaluate_test)
     except torch.OutOfMemoryError:
         raise CerberusError(
             "the device ran out of memory: lower train.batch_size or train.eval_batch_size"

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from cerberus.checkpoint import load_checkpoint, sidecar_path
 from cerberus.cli import app
 from cerberus.config import load_config
-from cerberus.errors import Interrupted
+from cerberus.errors import ConfigError, Interrupted
 from cerberus.runner import train_run
 
 # 400 training images in batches of 20: 20 steps per epoch, 2 epochs. EMA, crops and flips make
@@ -661,17 +661,15 @@ def test_an_unusable_run_directory_is_one_error(tmp_path, fake_cifar, config_fil
 def test_a_signal_during_the_final_test_stops_it_and_a_resume_finishes_the_run(
     tmp_path, fake_cifar, config_file, reference, monkeypatch, signum, code, name
 ):
-    import cerberus.runner as runner
+    real, calls = torch.load, []
 
-    real, calls = runner.Run.evaluate_best_on_test, []
-
-    def signalled(self):  # the signal arrives while the test runs (the first time only)
-        calls.append(signum)
+    def signalled(path, *args, **kwargs):  # arrives while best.pt is read for the test (once),
+        calls.append(Path(path))  # inside load_checkpoint's `except Exception`
         if len(calls) == 1:
             os.kill(os.getpid(), signum)
-        return real(self)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(runner.Run, "evaluate_best_on_test", signalled)
+    monkeypatch.setattr(torch, "load", signalled)
     run = tmp_path / "run"
     with pytest.raises(Interrupted) as stopped:
         train_run(load_config(config_file), out_dir=run, data_dir=str(fake_cifar))
@@ -683,22 +681,22 @@ def test_a_signal_during_the_final_test_stops_it_and_a_resume_finishes_the_run(
     assert not (run / "summary.json").exists() and (run / "last.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
     train_run(resume=run / "last.pt")  # tests again, and writes the summary
-    assert len(calls) == 2
+    assert calls[0] == calls[-1] == run / "best.pt"
     assert_matches_reference(run, reference)
 
 
 def test_a_signal_while_the_data_loads_stops_before_anything_is_written(
     tmp_path, fake_cifar, config_file, monkeypatch
 ):
-    import cerberus.runner as runner
+    import cerberus.safe_pickle as safe_pickle
 
-    real = runner.Run.load_data
+    real = safe_pickle.load
 
-    def signalled(self):
+    def signalled(file, *args, **kwargs):  # inside the read of a batch file, under its except
         os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
+        return real(file, *args, **kwargs)
 
-    monkeypatch.setattr(runner.Run, "load_data", signalled)
+    monkeypatch.setattr(safe_pickle, "load", signalled)
     run = tmp_path / "run"
     with pytest.raises(Interrupted) as stopped:
         train_run(load_config(config_file), out_dir=run, data_dir=str(fake_cifar))
@@ -728,6 +726,15 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(
     assert second.out_dir == Path("runs/reliable-20261127-120000-3")
     assert (first.out_dir / "summary.json").exists() and (second.out_dir / "summary.json").exists()
     assert sorted(p.name for p in other.iterdir()) == ["last.pt"]
+
+
+def test_a_default_run_folder_that_cannot_be_made_is_one_error(
+    tmp_path, fake_cifar, config_file, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").symlink_to(tmp_path / "unmounted")  # a dangling link: no folder can go there
+    with pytest.raises(ConfigError, match="cannot create the run directory runs/reliable-"):
+        train_run(load_config(config_file), data_dir=str(fake_cifar), handle_signals=False)
 
 
 def test_a_damaged_best_pt_is_refused_before_a_resume_trains(tmp_path, reference):

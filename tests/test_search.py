@@ -699,15 +699,17 @@ def test_duplicate_draws_are_not_trained_again(tmp_path, caplog) -> None:
     assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]  # nor logged
 
 
-def test_two_workers_claiming_one_design_at_once_train_it_once(tmp_path, monkeypatch) -> None:
-    # Another worker's trial (a lower number, RUNNING) claims the design this worker drew between
-    # this worker's first look at the study and its own claim: the lower number keeps it.
+@pytest.mark.parametrize("other_number", [0, 1])
+def test_two_workers_claiming_one_design_at_once_train_it_once(tmp_path, monkeypatch, other_number) -> None:
+    # Another worker's running trial claims the design this worker drew, between this worker's
+    # first look at the study and its own claim. Whichever number it has (0: started before this
+    # trial; 1: after), this trial sees a claim beside its own and gives way: the other worker,
+    # which checked before this claim was written, trains the design.
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     study = optuna.create_study(study_name="default", storage=storage, direction="maximize")
-    other = study.ask()  # the other worker's trial: number 0, still running
+    others = [study.ask()] if other_number == 0 else []  # trial 0, running
     space = {**TINY_SPACE, "base_width": [4]}
     drawn: list[Architecture] = []
-    claimed: list[bool] = []
     real_suggest, real_tried = trials_module._suggest_design, trials_module._tried_designs
 
     def suggest(trial, families, max_params):
@@ -717,9 +719,10 @@ def test_two_workers_claiming_one_design_at_once_train_it_once(tmp_path, monkeyp
 
     def tried(study):
         found = real_tried(study)
-        if len(drawn) == 1 and not claimed:  # after this worker's first look: the other's claim
-            other.set_user_attr("design", drawn[0].to_dict())
-            claimed.append(True)
+        if len(drawn) == 1 and not any("design" in t.user_attrs for t in study.get_trials()):
+            if not others:  # the other worker's trial starts now: the next number
+                others.append(optuna.load_study(study_name="default", storage=storage).ask())
+            others[0].set_user_attr("design", drawn[0].to_dict())  # after this worker's first look
         return found
 
     monkeypatch.setattr(trials_module, "_suggest_design", suggest)
@@ -730,9 +733,10 @@ def test_two_workers_claiming_one_design_at_once_train_it_once(tmp_path, monkeyp
     assert len(drawn) == 2 and drawn[1] != drawn[0]  # the second draw is the nearest untried design
     assert trained == [drawn[1]]
     study = optuna.load_study(study_name="default", storage=result.storage)
-    first = study.trials[1]
-    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["duplicate"] == 0
-    assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # untouched: it trains the design
+    other = study.trials[other_number]
+    mine = study.trials[1 - other_number]
+    assert mine.state == optuna.trial.TrialState.FAIL and mine.user_attrs["duplicate"] == other_number
+    assert other.state == optuna.trial.TrialState.RUNNING  # untouched: it trains the design
 
 
 def test_study_resumes_and_refuses_another_space(tmp_path) -> None:

@@ -10,7 +10,7 @@ setting but the blocks) that have one, then each stage's blocks in what the budg
 with no design within the budget is refused before anything starts. A design the study already
 holds is not trained again: that draw is recorded as a failed trial that the leaderboard hides, and
 the next trial takes the nearest design the study does not hold. Workers sharing a study claim a
-design before training it; where two claim the same one at once, the lower trial number keeps it.
+design before training it, and a trial that finds another claim beside its own gives way.
 A design the trial config does not suit (``train.whiten_stem`` with an odd stem width, say) is
 recorded as a cheap trial in state ``rejected`` (Optuna state PRUNED, user attribute ``rejected``).
 Neither counts towards ``trials``: a call trains ``trials`` trials unless the study comes to hold
@@ -133,20 +133,30 @@ def _suggest_design(trial, families: Families, max_params: int) -> tuple[str, Ar
     return label, fam.architecture(blocks)
 
 
-def _tried_designs(study) -> dict[Architecture, int]:
-    """Designs the study holds (trained, pruned, rejected, running, diverged) -> a trial number.
-
-    A trial that failed otherwise (interrupted, its process killed) may be drawn again.
-    """
+def _holding_trials(study):
+    """``(trial, design)`` of the trials that hold a design: trained, pruned, rejected, running
+    (a claim) or diverged. A trial that failed otherwise (interrupted, its process killed, a
+    duplicate draw) does not: its design may be drawn again."""
     import optuna
 
-    tried = {}
     for t in study.get_trials(deepcopy=False):
         design = t.user_attrs.get("design")
         if design is None or (t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs):
             continue
-        tried.setdefault(_arch_from_dict(design), t.number)
+        yield t, _arch_from_dict(design)
+
+
+def _tried_designs(study) -> dict[Architecture, int]:
+    """Designs the study holds -> the lowest number of a trial holding each."""
+    tried: dict[Architecture, int] = {}
+    for t, arch in _holding_trials(study):
+        tried.setdefault(arch, t.number)
     return tried
+
+
+def _design_holders(study, arch: Architecture) -> list[int]:
+    """Numbers of the trials holding ``arch`` (claims of running trials included)."""
+    return [t.number for t, held in _holding_trials(study) if held == arch]
 
 
 def _nearest_untried(fam, ranges, start: Sequence[int], tried, max_params: int) -> tuple[int, ...] | None:
@@ -226,21 +236,25 @@ class _Objective:
 
         label, arch = _suggest_design(trial, self.families, self.space.max_params)
         tried = _tried_designs(trial.study)
-        if arch not in tried:
-            # Claim it, then look again: a worker sharing the study may have drawn it between the
-            # two reads. Every claim is written before its check, so of two claims the later
-            # check sees both, and the lower trial number keeps the design.
+        holder = tried.get(arch)
+        if holder is None:
+            # Claim it, then look again: a worker sharing the study may have claimed it too. Each
+            # claim is written before its check, so of two claims the later check sees both: a
+            # trial keeps the design only when its claim is the only one (both may give way, and
+            # the design stays to be drawn again; never do both train it).
             trial.set_user_attr("design", arch.to_dict())
+            others = [n for n in _design_holders(trial.study, arch) if n != trial.number]
+            holder = min(others) if others else None
+        if holder is not None:  # not trained again: the next trial takes the nearest untried design
             tried = _tried_designs(trial.study)
-        if tried[arch] != trial.number:  # not trained again: the next trial takes the nearest untried design
             untried = _untried_design(self.families, tried, self.space.max_params, (label, arch.blocks))
             if untried is not None:
                 label, blocks = untried
                 params = {"family": label, **{f"blocks_{i}": b for i, b in enumerate(blocks)}}
                 trial.study.enqueue_trial(params)
-            trial.set_user_attr("duplicate", tried[arch])
+            trial.set_user_attr("duplicate", holder)
             self.duplicates.add(trial.number)
-            raise _DuplicateDesign(f"{arch.label()} is the design of trial {tried[arch]}")
+            raise _DuplicateDesign(f"{arch.label()} is the design of trial {holder}")
         params, macs = count_params(arch), count_macs(arch)
         info = dict(design=arch.to_dict(), label=arch.label(), params=params, macs=macs)
         for key, value in {**info, "epochs": 0, "epochs_planned": self.epochs}.items():
