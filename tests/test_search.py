@@ -497,6 +497,25 @@ def test_a_base_asking_for_channels_last_rejects_designs_the_cpu_cannot_train_in
     assert [r.state for r in result.leaderboard] == ["complete"] and len(trainer.configs) == 1
 
 
+def test_designs_rejected_on_an_x86_cpu_are_trained_by_a_worker_elsewhere(tmp_path, monkeypatch) -> None:
+    # oneDNN's channels_last fault is an x86 CPU's: a worker on other hardware sharing the study
+    # (here: x86_cpu says no, as on a GPU) trains the designs a CPU worker rejected for it
+    import cerberus.device
+
+    overrides = ["train.epochs=3", "train.device=cpu", "train.channels_last=true"]
+    narrow = {**TINY_SPACE, "blocks": [1, 1]}  # two designs, both rejected on this CPU
+    trials(tmp_path, FakeTrainer(), n=3, space=narrow, overrides=overrides)
+    monkeypatch.setattr(cerberus.device, "x86_cpu", lambda device: False)
+    elsewhere = FakeTrainer()
+    result, _ = trials(tmp_path, elsewhere, n=3, space=narrow, overrides=overrides)
+    assert len({c.model.architecture() for c in elsewhere.configs}) == len(elsewhere.configs) == 2
+    assert sorted(r.state for r in result.leaderboard) == ["complete", "complete", "rejected", "rejected"]
+    assert result.stopped == "the study holds every design within the budget (2)"
+    monkeypatch.undo()  # back on the x86 CPU: nothing is left to train or reject
+    again, _ = trials(tmp_path, FakeTrainer(), n=1, space=narrow, overrides=overrides)
+    assert again.trials_run == 0 and again.stopped == "the study holds every design within the budget (2)"
+
+
 def test_trials_write_leaderboard_pareto_and_configs(tmp_path) -> None:
     trainer = FakeTrainer(accuracies=(0.5, 0.7, 0.6))
     result, events = trials(tmp_path, trainer, pruner="none")
@@ -717,8 +736,8 @@ def test_two_workers_claiming_one_design_at_once_train_it_once(tmp_path, monkeyp
         drawn.append(arch)
         return label, arch
 
-    def tried(study):
-        found = real_tried(study)
+    def tried(study, *args):
+        found = real_tried(study, *args)
         if len(drawn) == 1 and not any("design" in t.user_attrs for t in study.get_trials()):
             if not others:  # the other worker's trial starts now: the next number
                 others.append(optuna.load_study(study_name="default", storage=storage).ask())

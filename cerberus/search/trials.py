@@ -133,30 +133,46 @@ def _suggest_design(trial, families: Families, max_params: int) -> tuple[str, Ar
     return label, fam.architecture(blocks)
 
 
-def _holding_trials(study):
+# The machine a rejection can depend on: oneDNN's channels_last fault is an x86 CPU's alone.
+X86_CPU = "x86 CPU"
+OTHER_DEVICE = "a GPU or a CPU other than x86"
+
+
+def trial_machine(trial_data: dict[str, Any]) -> str:
+    """Where this process trains trials, as far as a rejection depends on it (:data:`X86_CPU`)."""
+    from cerberus.device import resolve_device, x86_cpu  # torch: only when trials train
+
+    device = trial_data.get("train", {}).get("device", "auto")
+    return X86_CPU if x86_cpu(resolve_device(device)) else OTHER_DEVICE
+
+
+def _holding_trials(study, machine: str | None = None):
     """``(trial, design)`` of the trials that hold a design: trained, pruned, rejected, running
     (a claim) or diverged. A trial that failed otherwise (interrupted, its process killed, a
-    duplicate draw) does not: its design may be drawn again."""
+    duplicate draw) does not: its design may be drawn again; nor, for a worker on another
+    ``machine``, does a rejection that holds on one kind of machine only (``rejected_on``)."""
     import optuna
 
     for t in study.get_trials(deepcopy=False):
         design = t.user_attrs.get("design")
         if design is None or (t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs):
             continue
+        if machine is not None and t.user_attrs.get("rejected_on", machine) != machine:
+            continue
         yield t, _arch_from_dict(design)
 
 
-def _tried_designs(study) -> dict[Architecture, int]:
-    """Designs the study holds -> the lowest number of a trial holding each."""
+def _tried_designs(study, machine: str | None = None) -> dict[Architecture, int]:
+    """Designs the study holds (for a worker on ``machine``) -> the lowest trial number of each."""
     tried: dict[Architecture, int] = {}
-    for t, arch in _holding_trials(study):
+    for t, arch in _holding_trials(study, machine):
         tried.setdefault(arch, t.number)
     return tried
 
 
-def _design_holders(study, arch: Architecture) -> list[int]:
+def _design_holders(study, arch: Architecture, machine: str | None = None) -> list[int]:
     """Numbers of the trials holding ``arch`` (claims of running trials included)."""
-    return [t.number for t, held in _holding_trials(study) if held == arch]
+    return [t.number for t, held in _holding_trials(study, machine) if held == arch]
 
 
 def _nearest_untried(fam, ranges, start: Sequence[int], tried, max_params: int) -> tuple[int, ...] | None:
@@ -224,8 +240,9 @@ class _Objective:
     """One Optuna trial: draw a design within the budget, skip it if the study holds it, reject
     it if the trial config does not suit it, else train it and report each epoch."""
 
-    def __init__(self, space, families, base, out_dir, data_dir, train_fn, emit, stop):
+    def __init__(self, space, families, base, out_dir, data_dir, train_fn, emit, stop, machine=None):
         self.space, self.families, self.base = space, families, base
+        self.machine = machine  # trial_machine(base): which machine-dependent rejections hold
         self.out_dir, self.data_dir, self.train_fn, self.emit = out_dir, data_dir, train_fn, emit
         self.stop = stop  # the search's StopFlag: a signal that came between trials
         self.epochs = base["train"]["epochs"]
@@ -235,7 +252,7 @@ class _Objective:
         import optuna
 
         label, arch = _suggest_design(trial, self.families, self.space.max_params)
-        tried = _tried_designs(trial.study)
+        tried = _tried_designs(trial.study, self.machine)
         holder = tried.get(arch)
         if holder is None:
             # Claim it, then look again: a worker sharing the study may have claimed it too. Each
@@ -243,10 +260,10 @@ class _Objective:
             # trial keeps the design only when its claim is the only one (both may give way, and
             # the design stays to be drawn again; never do both train it).
             trial.set_user_attr("design", arch.to_dict())
-            others = [n for n in _design_holders(trial.study, arch) if n != trial.number]
+            others = [n for n in _design_holders(trial.study, arch, self.machine) if n != trial.number]
             holder = min(others) if others else None
         if holder is not None:  # not trained again: the next trial takes the nearest untried design
-            tried = _tried_designs(trial.study)
+            tried = _tried_designs(trial.study, self.machine)
             untried = _untried_design(self.families, tried, self.space.max_params, (label, arch.blocks))
             if untried is not None:
                 label, blocks = untried
@@ -271,6 +288,7 @@ class _Objective:
             if x86_cpu(resolve_device(config.train.device)):
                 reason = f"train.channels_last: oneDNN trains {hazard} wrongly in channels_last on the CPU"
                 trial.set_user_attr("rejected", f"invalid config: {reason}")
+                trial.set_user_attr("rejected_on", X86_CPU)  # a GPU worker of the study may train it
                 raise optuna.TrialPruned(f"rejected before training: {reason}")
         self.emit(
             {
@@ -360,13 +378,17 @@ def _exit_code(signum: int | None) -> int:
     return 143 if signum == signal.SIGTERM else 130
 
 
-def _held_every_design(study, tried, max_params: int) -> str:
+def _held_every_design(study, tried, max_params: int, machine: str | None = None) -> str:
     """Why a search stops when the study holds every design within the budget: how many, and how
     many of them were rejected before training (and the settings that rejected them)."""
-    within = {arch: number for arch, number in tried.items() if count_params(arch) <= max_params}
+    within = {arch for arch in tried if count_params(arch) <= max_params}
     message = f"the study holds every design within the budget ({len(within):,})"
-    notes = {t.number: t.user_attrs.get("rejected") for t in study.get_trials(deepcopy=False)}
-    rejected = [notes[number] for number in within.values() if notes.get(number)]
+    notes: dict[Architecture, list[str | None]] = {}  # each design's holders' rejection notes
+    for t, arch in _holding_trials(study, machine):
+        notes.setdefault(arch, []).append(t.user_attrs.get("rejected"))
+    # a design counts as rejected when nothing but rejections holds it (a worker elsewhere may
+    # have trained one that this machine rejects)
+    rejected = [held[0] for arch in within if all(held := notes.get(arch, [None]))]
     if not rejected:
         return message
     n = len(rejected)
@@ -505,7 +527,11 @@ def run_trials(
 
         stop = StopFlag()
         signals = stop_on_signals(stop)
-    objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit, stop)
+    machine = None
+    if trials:
+        with contextlib.suppress(CerberusError):  # a device not here: the first trial says so
+            machine = trial_machine(trial_data)
+    objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit, stop, machine)
     trained, untrained_draws, stopped, interrupted = 0, 0, "", False
     fatal: CerberusError | None = None
     quiet = _QuietDuplicates(objective.duplicates)
@@ -515,9 +541,9 @@ def run_trials(
             while trained < trials:
                 if stop():
                     raise Interrupted(f"stopped by {_signal_name(stop.signum)}", _exit_code(stop.signum))
-                tried = _tried_designs(study)
+                tried = _tried_designs(study, machine)
                 if _untried_design(families, tried, space.max_params) is None:
-                    stopped = _held_every_design(study, tried, space.max_params)
+                    stopped = _held_every_design(study, tried, space.max_params, machine)
                     break
                 if untrained_draws >= MAX_UNTRAINED_DRAWS:
                     stopped = (
