@@ -6,6 +6,8 @@ the class's ``exit_code``; nothing below the CLI prints or exits.
 
 from __future__ import annotations
 
+import signal
+
 
 class CerberusError(Exception):
     """Base class of every error Cerberus reports to a user."""
@@ -55,3 +57,13 @@ class Interrupted(CerberusError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def signal_name(signum: int | None) -> str:
+    """``"SIGTERM"`` for SIGTERM, else ``"SIGINT"`` (Ctrl-C): the two signals that stop work."""
+    return "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+
+
+def signal_exit_code(signum: int | None) -> int:
+    """The exit code after stopping on ``signum``, 128 + the signal: 143 for SIGTERM, else 130."""
+    return 143 if signum == signal.SIGTERM else 130

@@ -333,12 +333,16 @@ def load_model(
             state = state_dict_from(obj)
             arch = infer_architecture(state, **overrides)
         except CheckpointError as err:  # what the weights lack or hold, and in which file
-            if overrides and _infers(state):  # they are a design, not the one the overrides ask
+            if overrides and state is not None and _fits(state, {}):  # a design, not the one asked
                 raise _overrides_misfit(overrides, err) from None
             message = str(err)
             raise CheckpointError(message if str(path) in message else f"{path}: {message}") from None
         info.update(source="state_dict", weights="model", config=None)
-        if "downsample" not in overrides and arch.downsample == "stride" and _fits_pooling(state, overrides):
+        if (
+            "downsample" not in overrides
+            and arch.downsample == "stride"
+            and _fits(state, {**overrides, "downsample": "pool"})
+        ):
             info["notes"].append(
                 "these weights fit a strided and a max-pooling ResNet alike and were read as "
                 "strided; if they were trained with downsample = 'pool', pass --downsample pool"
@@ -367,21 +371,10 @@ def _overrides_misfit(overrides: dict[str, Any], err: Exception) -> ConfigError:
     return ConfigError(f"design overrides: {detail}", field=field, detail=detail)
 
 
-def _infers(state: dict[str, torch.Tensor] | None) -> bool:
-    """Whether the weights read as a design of the family with nothing overridden."""
-    if state is None:
-        return False
+def _fits(state: dict[str, torch.Tensor], overrides: dict[str, Any]) -> bool:
+    """Whether the weights read as a design of the family with these overrides."""
     try:
-        infer_architecture(state)
-    except CerberusError:
-        return False
-    return True
-
-
-def _fits_pooling(state: dict[str, torch.Tensor], overrides: dict[str, Any]) -> bool:
-    """Whether a max-pooling design fits the weights too (identical tensor shapes)."""
-    try:
-        infer_architecture(state, **{**overrides, "downsample": "pool"})
+        infer_architecture(state, **overrides)
     except CerberusError:
         return False
     return True

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cerberus import safe_pickle
+from cerberus.checkpoint import sidecar_path
 from cerberus.data import CLASSES
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
 from cerberus.files import atomic_write
@@ -262,8 +263,6 @@ def predict_unlabeled(
     from cerberus.evaluate import TTA_VIEWS, prepare_inference, run_tta
 
     _check_layout(layout)
-    from cerberus.checkpoint import sidecar_path
-
     _check_distinct(
         {
             "the checkpoint": checkpoint,

@@ -50,7 +50,15 @@ from cerberus.data import load_cifar10, make_splits, resolve_data_root
 from cerberus.device import Placement, resolve_placement, tune_backends
 from cerberus.distributed import DistContext
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
-from cerberus.errors import CerberusError, CheckpointError, ConfigError, DivergenceError, Interrupted
+from cerberus.errors import (
+    CerberusError,
+    CheckpointError,
+    ConfigError,
+    DivergenceError,
+    Interrupted,
+    signal_exit_code,
+    signal_name,
+)
 from cerberus.evaluate import classification_report, predict_logits
 from cerberus.files import atomic_write, run_lock, to_json
 from cerberus.model import build_model
@@ -116,8 +124,7 @@ class _StopNow(BaseException):
 
 
 def _interrupted(signum: int, where: str) -> Interrupted:
-    name, code = ("SIGINT", 130) if signum == signal.SIGINT else ("SIGTERM", 143)
-    return Interrupted(f"stopped by {name} {where}", code)
+    return Interrupted(f"stopped by {signal_name(signum)} {where}", signal_exit_code(signum))
 
 
 @contextlib.contextmanager
@@ -210,8 +217,6 @@ class Run:
         self.pending_best: dict[str, Any] | None = None  # best.pt not written yet (save_every_epochs)
         self.plotted: tuple[int, float] = (0, 0.0)  # (epochs in curves.png, when it was drawn)
         self.wall_start = time.perf_counter()
-        # around the final test: where a signal stops it at once (train_run sets it)
-        self.final_test: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -646,8 +651,7 @@ class Run:
         # Under torchrun also a barrier (no rank exits before rank 0 wrote last.pt), and a rank
         # stopped by another's signal exits with that signal's code.
         signum = self.dist.max_over_ranks(stop.signum or 0)
-        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-        code = 130 if signum == signal.SIGINT else 143
+        name, code = signal_name(signum), signal_exit_code(signum)
         where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
         resume = self.out_dir / "last.pt"
         launcher = "torchrun <same options> -m cerberus" if self.dist.active else "cerberus"
@@ -671,7 +675,10 @@ class Run:
         )
         return {"accuracy": report["accuracy"], "loss": report["loss"]}
 
-    def finish(self, evaluate_test: bool) -> dict[str, Any]:
+    def finish(
+        self, evaluate_test: bool, test_window: contextlib.AbstractContextManager | None = None
+    ) -> dict[str, Any]:
+        """Test best.pt (within ``test_window``: where a signal stops the test) and write the summary."""
         summary: dict[str, Any] = {
             "name": self.config.name,
             "params": self.params,
@@ -684,7 +691,7 @@ class Run:
             "test_tta": self.config.train.test_tta,
         }
         if evaluate_test and len(self.splits.test_labels):
-            with self.final_test:  # a signal during the test stops it (one process)
+            with test_window or contextlib.nullcontext():
                 test = self.dist.from_main(self.evaluate_best_on_test)
             summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
             self.emit({"event": "test", "test_accuracy": test["accuracy"], "test_loss": test["loss"]})
@@ -891,14 +898,13 @@ def train_run(
                 del ckpt
                 run.adopt_newer_best()
             run.train(start_epoch, start_step, state, stop)
-            if evaluate_test and save_checkpoints:
-                epochs = config.train.epochs
-                run.final_test = at_once(
-                    f"during the final test; last.pt and best.pt hold all {epochs} "
-                    f"epoch{'s' if epochs != 1 else ''}. Finish the run (the test and summary.json) "
-                    f"with: cerberus train --resume {out_dir / 'last.pt'}"
-                )
-            summary = run.finish(evaluate_test)
+            epochs = config.train.epochs
+            test_window = at_once(
+                f"during the final test; last.pt and best.pt hold all {epochs} "
+                f"epoch{'s' if epochs != 1 else ''}. Finish the run (the test and summary.json) "
+                f"with: cerberus train --resume {out_dir / 'last.pt'}"
+            )
+            summary = run.finish(evaluate_test, test_window if save_checkpoints else None)
     except torch.OutOfMemoryError:
         raise CerberusError(
             "the device ran out of memory: lower train.batch_size or train.eval_batch_size"

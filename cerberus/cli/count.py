@@ -83,15 +83,13 @@ def count_params_command(
     if config is not None:
         if given:
             flags = ", ".join(FLAGS[name] for name in given)
-            stray = (
-                ""
-                if config.is_file()
-                else (
-                    f"; {str(config)!r} was read as the config file (a flag other than --blocks and "
-                    "--channels takes one value)"
+            message = f"give either a config file or design flags ({flags}), not both"
+            if not config.is_file():  # a flag's extra value, taken for the config file
+                message += (
+                    f"; {str(config)!r} was read as the config file (a flag other than --blocks "
+                    "and --channels takes one value)"
                 )
-            )
-            raise fail(f"give either a config file or design flags ({flags}), not both{stray}", 2)
+            raise fail(message, 2)
         from cerberus.config import load_config
 
         model = load_config(config, enforce_budget=False).model

@@ -39,7 +39,15 @@ from typing import Any
 
 from cerberus.arch import Architecture, count_macs, count_params, nhwc_backward_hazard
 from cerberus.config import apply_overrides, config_from_dict, override_keys
-from cerberus.errors import BudgetError, CerberusError, ConfigError, DivergenceError, Interrupted
+from cerberus.errors import (
+    BudgetError,
+    CerberusError,
+    ConfigError,
+    DivergenceError,
+    Interrupted,
+    signal_exit_code,
+    signal_name,
+)
 from cerberus.search.enumeration import _Family, families_within_budget, smallest_params
 from cerberus.search.results import (
     SearchResult,
@@ -303,9 +311,9 @@ class _Objective:
         progress: dict[str, Any] = {"epochs": 0, "best": None, "interrupted": None}
         try:
             if self.stop():  # a signal came while this trial was being drawn
-                name = _signal_name(self.stop.signum)
+                name = signal_name(self.stop.signum)
                 progress["interrupted"] = f"interrupted by {name} before training"
-                raise Interrupted(f"stopped by {name}", _exit_code(self.stop.signum))
+                raise Interrupted(f"stopped by {name}", signal_exit_code(self.stop.signum))
             # The runner's own signal handling: SIGINT or SIGTERM finishes the step and raises
             # Interrupted (no checkpoint: trials save none); a second signal stops at once.
             result = self.train_fn(
@@ -369,15 +377,6 @@ class _Objective:
             raise optuna.TrialPruned(reason)  # propagates out of the runner, which cleans up
 
 
-def _signal_name(signum: int | None) -> str:
-    return "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-
-
-def _exit_code(signum: int | None) -> int:
-    """130 for SIGINT, 143 for SIGTERM: what ``cerberus train`` exits with (128 + the signal)."""
-    return 143 if signum == signal.SIGTERM else 130
-
-
 def _held_every_design(study, tried, max_params: int, machine: str | None = None) -> str:
     """Why a search stops when the study holds every design within the budget: how many, and how
     many of them were rejected before training (and the settings that rejected them)."""
@@ -388,7 +387,7 @@ def _held_every_design(study, tried, max_params: int, machine: str | None = None
         notes.setdefault(arch, []).append(t.user_attrs.get("rejected"))
     # a design counts as rejected when nothing but rejections holds it (a worker elsewhere may
     # have trained one that this machine rejects)
-    rejected = [held[0] for arch in within if all(held := notes.get(arch, [None]))]
+    rejected = [held[0] for held in (notes.get(arch, [None]) for arch in within) if all(held)]
     if not rejected:
         return message
     n = len(rejected)
@@ -522,13 +521,12 @@ def run_trials(
     # trial trains); during a trial the runner's own handler takes over and raises Interrupted.
     stop: Any = _NoStop()
     signals: contextlib.AbstractContextManager = contextlib.nullcontext()
+    machine = None  # which machine-dependent rejections hold here (trial_machine)
     if trials:
         from cerberus.runner import StopFlag, stop_on_signals
 
         stop = StopFlag()
         signals = stop_on_signals(stop)
-    machine = None
-    if trials:
         with contextlib.suppress(CerberusError):  # a device not here: the first trial says so
             machine = trial_machine(trial_data)
     objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit, stop, machine)
@@ -540,7 +538,7 @@ def run_trials(
         try:
             while trained < trials:
                 if stop():
-                    raise Interrupted(f"stopped by {_signal_name(stop.signum)}", _exit_code(stop.signum))
+                    raise Interrupted(f"stopped by {signal_name(stop.signum)}", signal_exit_code(stop.signum))
                 tried = _tried_designs(study, machine)
                 if _untried_design(families, tried, space.max_params) is None:
                     stopped = _held_every_design(study, tried, space.max_params, machine)
@@ -566,7 +564,7 @@ def run_trials(
             signum = stop.signum
             if signum is None:
                 signum = signal.SIGTERM if getattr(err, "exit_code", 130) == 143 else signal.SIGINT
-            stopped = f"interrupted by {_signal_name(signum)}"
+            stopped = f"interrupted by {signal_name(signum)}"
             stop.signum = signum  # the runner's handler took the signal: a second one stops at once
         except CerberusError as err:  # every trial would meet it: written below, then raised
             fatal = err
@@ -583,11 +581,11 @@ def run_trials(
             interrupted=interrupted,
             trials_trained=trained,
             stopped=stopped,
-            signal_name=_signal_name(stop.signum) if interrupted else "",
+            signal_name=signal_name(stop.signum) if interrupted else "",
         )
         write_results(result, space, top=top, base=base, configs_dir=configs_dir)
         if stop() and not interrupted:  # a signal came while they were written: say so in them too
-            result.interrupted, result.signal_name = True, _signal_name(stop.signum)
+            result.interrupted, result.signal_name = True, signal_name(stop.signum)
             result.stopped = f"interrupted by {result.signal_name}"
             write_results(result, space, top=top, base=base, configs_dir=configs_dir)
     if fatal is not None:
