@@ -143,13 +143,18 @@ class Architecture:
 
     def label(self) -> str:
         """A compact one-line name, e.g. ``B[3,5,3] C[64,128,256] F3 K1 P8`` (`` S2`` added for a
-        stem kernel other than 3, `` maxpool`` for ``downsample = "pool"``)."""
+        stem kernel other than 3, `` maxpool`` for ``downsample = "pool"``, `` stem24`` last for a
+        stem width other than the first stage's)."""
         blocks = ",".join(map(str, self.blocks))
         widths = ",".join(map(str, self.widths))
         label = f"B[{blocks}] C[{widths}] F{self.conv_kernel} K{self.skip_kernel} P{self.pool}"
         if self.stem_kernel != STEM_KERNEL:
             label += f" S{self.stem_kernel}"
-        return label + " maxpool" if self.max_pool_downsampling else label
+        if self.max_pool_downsampling:
+            label += " maxpool"
+        if self.stem_width != self.widths[0]:
+            label += f" stem{self.stem_width}"
+        return label
 
 
 def architecture_problems(arch: Architecture) -> list[tuple[str, str]]:

@@ -274,7 +274,9 @@ class TrainConfig(Section):
     t_max: int | None = Field(
         default=None, gt=0, description="Cosine period in epochs (seed schedule). Default: epochs."
     )
-    min_lr: float = Field(default=0.0, ge=0, description="Final LR of the cosine schedule.")
+    min_lr: float = Field(
+        default=0.0, ge=0, description="Final LR of the cosine and onecycle schedules (the others ignore it)."
+    )
     onecycle_peak: float = Field(
         default=0.25, gt=0, lt=1, description="Fraction of training at which onecycle peaks."
     )

@@ -114,9 +114,13 @@ class DistContext:
         """
         if not self.active:
             return model
-        if self.device is None or self.device.type != "cuda":
-            raise ConfigError("train.sync_bn needs CUDA GPUs (nccl); on the CPU set train.sync_bn = false")
+        self.check_sync_bn()
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def check_sync_bn(self) -> None:
+        """Refuse ``train.sync_bn`` where SyncBatchNorm cannot run: several processes off CUDA."""
+        if self.active and (self.device is None or self.device.type != "cuda"):
+            raise ConfigError("train.sync_bn needs CUDA GPUs (nccl); on the CPU set train.sync_bn = false")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel around ``model`` when there are several processes.

@@ -70,20 +70,42 @@ def _epoch_in_progress(t: float) -> int:
     return max(math.ceil(t) - 1, 0)
 
 
+def chained_seed_factors(epochs: int, t_max: int, milestones: list[int], gamma: float) -> list[float]:
+    """The multiplier of the base learning rate in each epoch under torch's
+    ``CosineAnnealingLR(T_max=t_max)`` and ``MultiStepLR(milestones, gamma)`` on one optimizer,
+    each stepped once per epoch (cosine first), as the seed project trained.
+
+    Chained, each scheduler updates the rate the other left (torch's recursive forms), so this is
+    not the closed form ``(1 + cos(pi e / t_max)) / 2 * gamma**k``: where the cosine comes back up
+    from zero (epoch ``t_max + 1``, then every ``2 t_max``) torch adds a step of the *base* rate,
+    which the milestones' factors do not scale, and the cycle goes on from there.
+    """
+    factors, lr = [1.0], 1.0
+    for e in range(1, epochs):
+        if (e - 1 - t_max) % (2 * t_max) == 0:
+            lr = lr + (1 - math.cos(math.pi / t_max)) / 2
+        else:
+            lr = (1 + math.cos(math.pi * e / t_max)) / (1 + math.cos(math.pi * (e - 1) / t_max)) * lr
+        lr *= gamma ** milestones.count(e)
+        factors.append(lr)
+    return factors
+
+
 class LRSchedule:
     """The learning rate as a pure function of the position in training.
 
     ``t`` is the number of epochs completed, fractional within an epoch. Schedules:
     constant; cosine (from lr to min_lr after the warmup); step (x gamma at each milestone);
     onecycle (linear from lr/25 up to lr at ``onecycle_peak`` of training, then linear down to
-    min_lr); seed (the seed project's per-epoch CosineAnnealingLR with period ``t_max`` chained with
-    MultiStepLR, in closed form: lr * (1 + cos(pi * e / t_max)) / 2 * gamma**(milestones <= e)).
-    Linear warmup from 0 over ``warmup_epochs`` multiplies any of them.
+    min_lr); seed (the seed project's CosineAnnealingLR with period ``t_max`` chained with
+    MultiStepLR, both stepped once per epoch: :func:`chained_seed_factors`). Linear warmup from 0
+    over ``warmup_epochs`` multiplies any of them.
     """
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
+        self._seed: list[float] = []  # chained_seed_factors, computed once when used
 
     def factor(self, t: float) -> float:
         """Multiplier of ``cfg.lr`` at ``t`` epochs."""
@@ -104,10 +126,9 @@ class LRSchedule:
             else:
                 value = 1 - (1 - floor) * min((t - peak) / max(epochs - peak, 1e-9), 1.0)
         else:  # "seed": stepped once per epoch, as torch's epoch-wise schedulers are
-            e = _epoch_in_progress(t)
-            t_max = cfg.t_max or epochs
-            value = 0.5 * (1 + math.cos(math.pi * e / t_max))
-            value *= cfg.gamma ** sum(1 for m in cfg.milestones if m <= e)
+            if not self._seed:
+                self._seed = chained_seed_factors(epochs, cfg.t_max or epochs, cfg.milestones, cfg.gamma)
+            value = self._seed[min(_epoch_in_progress(t), epochs - 1)]
         if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
             value *= t / cfg.warmup_epochs
         return value

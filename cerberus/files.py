@@ -98,7 +98,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
+def run_lock(folder: Path, *, hint: str = "wait for it to finish or choose another --out") -> Iterator[None]:
     """Hold an exclusive lock on a run directory; a second holder is refused at once.
 
     The lock is an ``flock`` on ``folder/.lock``: the kernel releases it when the process dies,
@@ -118,10 +118,7 @@ def run_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunLockedError(
-                f"{folder} is in use by another cerberus process; wait for it to finish "
-                "or choose another --out"
-            ) from None
+            raise RunLockedError(f"{folder} is in use by another cerberus process; {hint}") from None
         with contextlib.suppress(OSError):  # the pid is a note for people; a full disk may refuse it
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

@@ -140,7 +140,9 @@ def _ids_from(ids: Any, n: int, path: Path) -> list:
 def read_unlabeled(path: Path, layout: str | None = None) -> tuple[list, torch.Tensor]:
     """``(ids, images)`` from a Kaggle test pickle; images are uint8 (N, 3, 32, 32).
 
-    ``ids`` default to ``0..N-1`` when the file has none. Raises :class:`DataError` naming the
+    The file holds a dict with the images under ``data`` (``b'data'``) and optionally their ids
+    under ``ids``, or the images' array alone. ``ids`` default to ``0..N-1`` when the file has
+    none. Raises :class:`DataError` naming the
     problem for anything else: not a pickle, missing ``data``, wrong shape or dtype, ids and
     images of different lengths, or an id given twice.
     """
@@ -150,8 +152,13 @@ def read_unlabeled(path: Path, layout: str | None = None) -> tuple[list, torch.T
 
 def _read_unlabeled(path: Path, layout: str | None) -> tuple[list, torch.Tensor, str]:
     payload = _read_pickle(path)
+    if isinstance(payload, np.ndarray):  # the images alone: ids 0..N-1
+        payload = {"data": payload}
     if not isinstance(payload, dict):
-        raise DataError(f"{path} holds a {type(payload).__name__}; expected a dict with 'data' and 'ids'")
+        raise DataError(
+            f"{path} holds a {type(payload).__name__}; expected a dict with 'data' (and optionally "
+            "'ids'), or an array of images"
+        )
     data = _entry(payload, "data")
     if data is None:
         raise DataError(f"{path} has no 'data' entry (found keys: {_key_names(payload)})")

@@ -18,7 +18,9 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import random
+import re
 import resource
 import signal
 import sys
@@ -246,6 +248,8 @@ class Run:
         )
         if self.dist.device is not None:
             self.placement = dataclasses.replace(self.placement, device=self.dist.device)
+        if cfg.train.sync_bn:
+            self.dist.check_sync_bn()
 
     def setup(self) -> None:
         cfg = self.config
@@ -319,12 +323,7 @@ class Run:
             )
 
     def restore(self, ckpt: dict[str, Any]) -> tuple[int, int, EpochState]:
-        saved_world = ckpt.get("world_size", 1)
-        if saved_world != self.dist.world_size:
-            raise ConfigError(
-                f"this run was trained by {saved_world} process(es); resume it with the same number "
-                f"(now {self.dist.world_size}), or the data shards and augmentation would change"
-            )
+        _check_world_size(ckpt.get("world_size", 1), self.dist.world_size)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -446,7 +445,7 @@ class Run:
 
     def checkpoint_state(self) -> str:
         """What a user has left after a failed run, for the error message."""
-        if self.save_checkpoints and (self.out_dir / "last.pt").exists():
+        if (self.out_dir / "last.pt").exists():
             return "the last good checkpoint was kept"
         return "no checkpoint had been written yet"
 
@@ -594,6 +593,8 @@ class Run:
                         self.plot()
                     self.interrupted(stop, epoch + 1, 0)
         except DivergenceError as err:
+            if not self.save_checkpoints:  # a search trial: it never writes any
+                raise
             raise DivergenceError(f"{err}; {self.checkpoint_state()}") from None
 
     def check_finite_evaluations(self, line: dict[str, Any], epoch: int) -> None:
@@ -719,20 +720,43 @@ class Run:
         return summary
 
 
+def _lost_a_process(err: RuntimeError) -> bool:
+    """Whether a collective call failed because another process of the run is gone (killed,
+    crashed): gloo's connection errors, or torch.distributed's own error types."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    lost = re.search(r"gloo|nccl|connection (reset|closed)", str(err), re.IGNORECASE)
+    return isinstance(err, dist_error) or lost is not None
+
+
+def _lost_process_message(err: RuntimeError, out_dir: Path | str | None) -> str:
+    """What a process says when another one of the run is gone: the cause, and what is kept."""
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
+    message = f"another process of this run stopped, so this one cannot go on ({cause or type(err).__name__})"
+    last = Path(out_dir) / "last.pt" if out_dir is not None else None
+    if last is not None and last.is_file():
+        return (
+            f"{message}; {last} is kept. Resume with: torchrun <same options> -m cerberus train "
+            f"--resume {last}"
+        )
+    return f"{message}; no checkpoint had been written yet"
+
+
 # What every epoch's line in last.pt's metrics holds, that the run reads back.
 _METRIC_KEYS = frozenset({"epoch", "train_loss", "train_accuracy", "train_images_per_sec"})
 
 RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl")  # a fresh run would replace them
 
 
-def _check_out_dir(out_dir: Path, resuming: bool) -> None:
-    """A new run never writes over another's results (a best.pt kept after deleting last.pt)."""
+def _check_out_dir(out_dir: Path, resuming: bool, launcher: str = "cerberus") -> None:
+    """A new run never writes over another's results (a best.pt kept after deleting last.pt).
+    ``launcher`` starts the command that would continue it (``torchrun <same options> -m
+    cerberus`` under torchrun)."""
     if resuming:
         return
     if (out_dir / "last.pt").exists():
         raise ConfigError(
             f"{out_dir} already holds a run; continue it with "
-            f"`cerberus train --resume {out_dir / 'last.pt'}` or choose another --out"
+            f"`{launcher} train --resume {out_dir / 'last.pt'}` or choose another --out"
         )
     held = [name for name in RUN_FILES if (out_dir / name).exists()]
     if held:
@@ -764,6 +788,21 @@ def _make_out_dir(out_dir: Path, new: bool = False) -> Path:
     raise ConfigError(
         f"cannot create the run directory {out_dir}: it and {_MAX_SAME_SECOND - 1} numbered ones exist; "
         "choose another --out"
+    )
+
+
+def _check_world_size(saved: Any, now: int) -> None:
+    """A run resumes with as many processes as trained it: the data shards and augmentation
+    depend on the number."""
+    if saved == now:
+        return
+    if saved == 1:
+        how = "resume it without torchrun"
+    else:
+        how = f"resume it under torchrun with {saved} processes in all"
+    raise ConfigError(
+        f"this run was trained by {saved} process{'es' if saved != 1 else ''} (now {now}); {how}, "
+        "or the data shards and augmentation would change"
     )
 
 
@@ -817,6 +856,7 @@ def train_run(
         if ckpt.get("ema") is not None:
             check_weights_fit(expected, ckpt["ema"], resume)
         out_dir = resume.parent
+        _check_world_size(ckpt.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1")))
         if ckpt.get("best_epoch") is not None:  # its weights are in best.pt alone: checked now
             best = out_dir / "best.pt"
             if not best.is_file():
@@ -878,15 +918,17 @@ def train_run(
                         "train.channels_last = false",
                         field="train.channels_last",
                     ) from None
+                launcher = "torchrun <same options> -m cerberus" if dist.active else "cerberus"
                 if dist.is_main and not new_dir:
-                    _check_out_dir(out_dir, resuming=ckpt is not None)
+                    _check_out_dir(out_dir, resuming=ckpt is not None, launcher=launcher)
                 with at_once("while the data loaded, before anything was written"):
                     run.load_data()  # data problems are refused before anything is written
                 if dist.is_main:
                     out_dir = run.out_dir = _make_out_dir(out_dir, new=new_dir)
-                    lock.enter_context(run_lock(out_dir))
+                    busy = "wait for it to finish" + (" or choose another --out" if ckpt is None else "")
+                    lock.enter_context(run_lock(out_dir, hint=busy))
                     # Again under the lock: a run may have finished there while the data loaded.
-                    _check_out_dir(out_dir, resuming=ckpt is not None)
+                    _check_out_dir(out_dir, resuming=ckpt is not None, launcher=launcher)
                     remove_stale_temporaries(out_dir)
                     atomic_write(out_dir / "config.toml", config.to_toml())
             if new_dir and dist.active:  # the folder rank 0 made
@@ -909,6 +951,10 @@ def train_run(
         raise CerberusError(
             "the device ran out of memory: lower train.batch_size or train.eval_batch_size"
         ) from None
+    except RuntimeError as err:
+        if not (dist.active and _lost_a_process(err)):
+            raise
+        raise CerberusError(_lost_process_message(err, out_dir)) from None
     finally:
         dist.close()
     return RunResult(

@@ -183,7 +183,7 @@ def test_pool_downsampling_reference_counts() -> None:
     assert count_macs(POOLED) == 41_231_616 == measured_macs(POOLED)
     assert POOLED.final_side == 4 and POOLED.pool == 4
     assert [s["side"] for s in summarize(POOLED, 5_000_000)["stages"]] == [16, 8, 4]
-    assert POOLED.label() == "B[1,1,1] C[32,128,128] F3 K1 P4 maxpool"
+    assert POOLED.label() == "B[1,1,1] C[32,128,128] F3 K1 P4 maxpool stem24"
 
 
 def test_an_unpadded_2x2_stem_reference_counts() -> None:
@@ -198,7 +198,7 @@ def test_an_unpadded_2x2_stem_reference_counts() -> None:
     assert small.stem_side == 31 and small.final_side == 3 and small.pool == 3
     summary = summarize(small, 5_000_000)
     assert summary["stem_side"] == 31 and [s["side"] for s in summary["stages"]] == [15, 7, 3]
-    assert small.label() == "B[1,1,1] C[32,128,128] F3 K1 P3 S2 maxpool"
+    assert small.label() == "B[1,1,1] C[32,128,128] F3 K1 P3 S2 maxpool stem24"
     model = build_model(small)
     assert model.conv1.kernel_size == (2, 2) and model.conv1.padding == (0, 0)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -231,12 +231,97 @@ def test_an_error_on_rank_0_alone_stops_every_rank_with_its_message(two_process_
     # Rank 1 learns of rank 0's error and exits with it silently: one message, from rank 0.
     assert len(re.findall(r"^Error:", done.stderr, flags=re.MULTILINE)) == 1
     assert done.stderr.count("already holds a run") == 1
+    assert (
+        f"continue it with `torchrun <same options> -m cerberus train --resume {out / 'last.pt'}`"
+        in done.stderr
+    )
     assert "[rank1]: Traceback" not in done.stderr and "[rank0]: Traceback" not in done.stderr
     assert [m["epoch"] for m in metrics(out)] == list(range(1, EPOCHS + 1))  # untouched
 
 
+# The CLI with rank 1's process dying (os._exit: as kill -9 would) at a given step.
+DYING_RANK = """
+import os, sys
+from cerberus import engine
+from cerberus.cli import main
+
+train_step = engine.Trainer.train_step
+
+def dying_step(self, epoch, step):
+    if os.environ["RANK"] == "1" and (epoch, step) == (1, 2):
+        os._exit(1)
+    return train_step(self, epoch, step)
+
+engine.Trainer.train_step = dying_step
+sys.argv[0] = "cerberus"
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_leaves_one_message_and_the_checkpoint(config_file, fake_cifar, tmp_path):
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_RANK)
+    out = tmp_path / "run"
+    command = torchrun_command(
+        "train", str(config_file), "--data-dir", str(fake_cifar), "--out", str(out), "-q"
+    )
+    command[command.index("-m", 3) : command.index("cerberus") + 1] = [str(script)]
+    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "[rank0]: Traceback" not in done.stderr, done.stderr  # torchrun's own report follows
+    errors = re.findall(r"^Error: .*$", done.stderr, flags=re.MULTILINE)
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith("Error: another process of this run stopped, so this one cannot go on (")
+    assert errors[0].endswith(
+        f"; {out / 'last.pt'} is kept. Resume with: torchrun <same options> -m cerberus train "
+        f"--resume {out / 'last.pt'}"
+    )
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    resumed = torchrun("train", "--resume", str(out / "last.pt"), "--quiet")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [m["epoch"] for m in metrics(out)] == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.lr=-1"], "train.lr: Input should be greater than 0 (from --set train.lr=-1)"),
+        (
+            ["--set", "train.sync_bn=true"],
+            "train.sync_bn needs CUDA GPUs (nccl); on the CPU set train.sync_bn = false",
+        ),
+    ],
+)
+def test_an_error_before_training_is_reported_once_and_writes_nothing(
+    config_file, fake_cifar, tmp_path, args, message
+):
+    out = tmp_path / "run"
+    done = torchrun(
+        "train", str(config_file), "--data-dir", str(fake_cifar), "--out", str(out), *args, timeout=120
+    )
+    assert done.returncode != 0
+    assert len(re.findall(r"^Error:", done.stderr, flags=re.MULTILINE)) == 1, done.stderr
+    assert done.stderr.count(message) == 1, done.stderr
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+    assert not out.exists()  # sync_bn: refused before the data loads and the folder is made
+
+
 # --------------------------------------------------------------------------------------------
 # The pieces, without processes
+
+
+@pytest.mark.parametrize(("local_rank", "reported"), [("0", True), ("1", False)])
+def test_only_the_first_process_of_a_machine_reports_an_error_before_training(
+    config_file, monkeypatch, local_rank, reported
+):
+    # Every process of a torchrun job parses the same command line and config: one message.
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    for args in (["--set", "train.lr=-1"], ["--out", "x", "--resume", "last.pt"]):
+        result = CliRunner().invoke(app, ["train", str(config_file), *args])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("Error: ") if reported else result.stderr == ""
 
 
 def test_a_single_process_context_has_nothing_to_agree_on(monkeypatch, tmp_path):

@@ -219,12 +219,22 @@ def test_predict_json_probabilities_and_tta(tmp_path, weights):
     assert (probabilities["--tta"] - probabilities["--no-tta"]).abs().max() > 0.01
 
 
+def test_a_pickle_of_the_images_alone_is_read_with_ids_in_order(tmp_path):
+    for images in (images_chw().reshape(N, 3072), images_chw().transpose(0, 2, 3, 1)):
+        ids, read = read_unlabeled(write_pickle(tmp_path / "bare.pkl", np.ascontiguousarray(images)))
+        assert ids == list(range(N))
+        assert torch.equal(read, torch.from_numpy(images_chw()))
+
+
 def bad_inputs(tmp_path) -> list[tuple[object, str]]:
     good = images_chw().reshape(N, 3072)
     return [
         ("text", "is not a pickle file"),
         (b"", "is empty or truncated"),
-        ([1, 2, 3], "holds a list; expected a dict with 'data' and 'ids'"),
+        (
+            [1, 2, 3],
+            "holds a list; expected a dict with 'data' (and optionally 'ids'), or an array of images",
+        ),
         ({b"ids": np.arange(N)}, "has no 'data' entry (found keys: 'ids')"),
         ({b"data": good[:, :100]}, "'data' has shape [12, 100]; expected N x 3072"),
         ({b"data": good.astype(np.float32) / 255}, "'data' has dtype float32; expected uint8"),

@@ -559,7 +559,10 @@ def test_a_run_directory_in_use_is_refused_to_a_second_training(
             before = folder_state()
             result = invoke("train", *train_args(config_file, fake_cifar, run))
             stderr = assert_clean_error(result)
-            assert f"{run} is in use by another cerberus process" in stderr
+            assert (
+                f"{run} is in use by another cerberus process; wait for it to finish or choose another --out"
+                in stderr
+            )
             assert folder_state() == before
         finally:
             first.signal(signal.SIGCONT)
@@ -569,7 +572,9 @@ def test_a_run_directory_in_use_is_refused_to_a_second_training(
             before = folder_state()
             result = invoke("train", "--resume", run / "last.pt")
             stderr = assert_clean_error(result)
-            assert f"{run} is in use by another cerberus process" in stderr
+            assert (
+                f"{run} is in use by another cerberus process; wait for it to finish\n" in stderr
+            )  # no --out
             assert folder_state() == before
         finally:
             first.signal(signal.SIGCONT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -405,6 +406,11 @@ def test_cli_table() -> None:
         (["--set", "train.epochs=2"], "--set only applies to trials"),
         (["--max-params", "0"], "--max-params: must be positive, got 0"),
         (["--min-params", "-1"], "--min-params: must be 0 or more, got -1"),
+        (
+            ["--min-params", "6000000"],
+            "--min-params: 6,000,000 must be below the space's max_params (5,000,000)",
+        ),
+        (["--min-params", "9", "--max-params", "9"], "--min-params: 9 must be below --max-params (9)"),
         (["--top", "-1"], "--top: must be 0 or more"),
         (["--trials", "1", "--seed", "-1"], "--seed: must be in 0..4294967295 (Optuna's sampler), got -1"),
         (["--trials", "1", "--seed", str(2**32)], "--seed: must be in 0..4294967295"),
@@ -549,7 +555,7 @@ def test_pruning_stops_a_poor_trial_early(tmp_path, pruner, epochs) -> None:
     assert trainer.epochs_run == [epochs, 1]
     poor = next(r for r in result.leaderboard if r.number == 1)
     assert (poor.state, poor.epochs, poor.epochs_planned) == ("pruned", 1, epochs)
-    assert "pruned after epoch 1" in poor.note
+    assert poor.note.startswith("after epoch 1 (val accuracy ")  # the state says "pruned"
     assert [r.number for r in result.pareto] == [0]  # pruned trials are not on the front
 
 
@@ -692,6 +698,19 @@ def test_trials_train_each_design_within_the_budget_once(tmp_path, monkeypatch) 
     assert again.exit_code == 1, again.output
     assert "Error: no trial trained: the study holds every design within the budget (6)" in again.stderr
     assert "Leaderboard of study 'default' (6 trials)" in again.stdout and len(trainer.configs) == 6
+
+
+def test_family_labels_name_the_stem_once_and_stay_the_samplers_choices() -> None:
+    # Optuna stores these strings as a study's categorical choices: they may not change.
+    assert search._family((8, 16), 3, 1, 16, 8).label() == "C[8,16] F3 K1 P16 stem8"
+    assert search._family((8, 16), 3, 1, 16, 6).label() == "C[8,16] F3 K1 P16 stem6"
+    pooled = search._family((32, 128, 128), 3, 1, 3, 24, downsample="pool", stem_kernel=2)
+    assert pooled.label() == "C[32,128,128] F3 K1 P3 S2 maxpool stem24"
+    # a design's own label shows the stem only where it differs from the first stage's width
+    assert (
+        search._family((8, 16), 3, 1, 16, 6).architecture([1, 2]).label() == "B[1,2] C[8,16] F3 K1 P16 stem6"
+    )
+    assert search._family((8, 16), 3, 1, 16, 8).architecture([1, 2]).label() == "B[1,2] C[8,16] F3 K1 P16"
 
 
 def test_a_drawn_design_the_study_holds_gives_way_to_the_nearest_untried_one() -> None:
@@ -1077,12 +1096,125 @@ def test_a_study_name_that_cannot_name_a_folder_is_refused(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == [] and trainer.configs == []  # nothing created
 
 
-def test_studies_sharing_an_output_folder_keep_their_trials_apart(tmp_path) -> None:
+def test_a_search_folder_holds_one_study_and_refuses_another(tmp_path) -> None:
     trainer = FakeTrainer()
-    trials(tmp_path, trainer, n=1, study_name="first")
-    trials(tmp_path, trainer, n=1, study_name="second run")
-    folder = tmp_path / "search" / "trials"
-    assert trainer.out_dirs == [folder / "first-0000", folder / "second_run-0000"]
+    first, _ = trials(tmp_path, trainer, n=1, study_name="first")
+    folder = tmp_path / "search"
+    assert trainer.out_dirs == [folder / "trials" / "first-0000"]
+    mark = json.loads((folder / "study.json").read_text())
+    assert (mark["study"], mark["storage"]) == ("first", first.storage) and len(mark["uid"]) == 32
+    leaderboard = (folder / "leaderboard.json").read_text()
+    # Another study in the same folder would write over the first one's leaderboard and configs.
+    with pytest.raises(
+        ConfigError, match=r"holds the results of study 'first', in sqlite:///.*; choose another --out"
+    ):
+        trials(tmp_path, trainer, n=1, study_name="second run")
+    # The same name in a study made anew (its file deleted, say) is another study too; refused
+    # before anything is created, so the next attempt is refused the same way.
+    (folder / "study.db").unlink()
+    for _ in range(2):
+        with pytest.raises(
+            ConfigError, match=r"holds the results of study 'first' in sqlite:///.*, which sqlite"
+        ):
+            trials(tmp_path, trainer, n=1, study_name="first")
+    assert not (folder / "study.db").exists()
+    assert (folder / "leaderboard.json").read_text() == leaderboard and len(trainer.configs) == 1
+    assert invoke("--trials", "1", "--study", "other", "--out", str(folder)).exit_code == 2
+
+
+def test_a_folder_from_before_folders_named_their_study_is_taken_by_its_study(tmp_path) -> None:
+    trainer = FakeTrainer()
+    trials(tmp_path, trainer, n=1)
+    folder = tmp_path / "search"
+    (folder / "study.json").unlink()  # as a search folder was written before
+    trials(tmp_path, trainer, n=1)  # the study with trials there takes it
+    assert json.loads((folder / "study.json").read_text())["study"] == "default"
+    (folder / "study.json").unlink()
+    storage = f"sqlite:///{tmp_path / 'new.db'}"
+    with pytest.raises(ConfigError, match="holds the results of another search"):
+        trials(tmp_path, trainer, n=1, study_name="new", storage=storage)
+    assert len(trainer.configs) == 2
+
+
+def test_a_failed_out_binds_no_study_to_its_recipe(tmp_path) -> None:
+    # The folder is made before the study is: a study recorded with nowhere to write would refuse
+    # the next search's recipe.
+    (tmp_path / "file").write_text("")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_trials(
+            space_from_dict(TINY_SPACE),
+            trials=1,
+            out_dir=tmp_path / "file",
+            storage=storage,
+            overrides=["train.epochs=1"],
+            train_fn=FakeTrainer(),
+            top=0,
+        )
+    trainer = FakeTrainer()
+    trials(tmp_path, trainer, n=1, storage=storage, overrides=["train.epochs=2"])
+    assert len(trainer.configs) == 1
+
+
+def test_a_trial_whose_process_died_releases_its_design(tmp_path) -> None:
+    # Two designs; one trained, the other claimed by a trial whose process was killed.
+    space = {**TINY_SPACE, "blocks": [1, 1]}  # widths 4 or 8, one block a stage
+    trainer = FakeTrainer()
+    result, _ = trials(tmp_path, trainer, n=1, space=space)
+    study = optuna.load_study(study_name="default", storage=result.storage)
+    trained = trainer.configs[0].model.architecture()
+    families = {f.label(): (f, r) for f, r in search.families_within_budget(space_from_dict(space))}
+    label, blocks = trials_module._untried_design(families, {trained: 0}, 20_000)
+    dead = study.ask()
+    dead.set_user_attr("design", families[label][0].architecture(blocks).to_dict())
+    study._storage.record_heartbeat(dead._trial_id)
+    again = trials(tmp_path, trainer, n=1, space=space)[0]
+    assert len(trainer.configs) == 1 and again.trials_trained == 0  # its heartbeat is recent: held
+    assert again.stopped == (
+        "the study holds every design within the budget (2); 1 of them is held by a running trial, "
+        "released if its process has died once 5 minutes pass without its heartbeat"
+    )
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "search" / "study.db")) as conn:
+        conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour')")
+        conn.commit()
+    again = trials(tmp_path, trainer, n=1, space=space)[0]
+    assert again.trials_trained == 1
+    assert trainer.configs[1].model.architecture() == families[label][0].architecture(blocks)
+    states = {
+        t.number: t.state for t in optuna.load_study(study_name="default", storage=result.storage).trials
+    }
+    assert states[dead.number] == optuna.trial.TrialState.FAIL
+
+
+def test_a_damaged_study_file_is_one_error_line(tmp_path) -> None:
+    import sqlite3
+
+    trials(tmp_path, FakeTrainer(), n=1)
+    db = tmp_path / "search" / "study.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("UPDATE study_user_attributes SET value_json = CAST(X'FFFE' AS TEXT)")
+        conn.commit()
+    result = invoke("--trials", "0", "--out", str(tmp_path / "search"))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: study file {db}: the study storage cannot be read or written: ")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+    db.write_bytes(b"not a database" * 100)
+    result = invoke("--trials", "1", "--out", str(tmp_path / "search"))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: study file {db}: cannot open the study storage (damaged")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://"])
+def test_an_in_memory_study_is_refused(tmp_path, url) -> None:
+    result = invoke("--max-params", "100000", "--trials", "1", "--out", str(tmp_path / "s"), "--storage", url)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"Error: --storage {url}: an in-memory study vanishes with this process and cannot be resumed "
+        "or shared; name a file, e.g. sqlite:///study.db\n"
+    )
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_design_the_base_settings_do_not_suit_is_rejected_not_fatal(tmp_path) -> None:
@@ -1093,7 +1225,8 @@ def test_a_design_the_base_settings_do_not_suit_is_rejected_not_fatal(tmp_path) 
     result, _ = trials(tmp_path, trainer, n=6, space=space, overrides=overrides, pruner="none")
     widths = {r.design["channels"][0]: r for r in result.leaderboard}
     assert widths.keys() == {5, 8}
-    assert widths[5].state == "rejected" and "whiten_stem" in widths[5].note
+    assert widths[5].state == "rejected"
+    assert widths[5].note.startswith("invalid config: train.whiten_stem fills")  # the setting first, once
     assert all(c.model.architecture().stem_width == 8 for c in trainer.configs)
     # the study holds both designs now, and says why one of them was never trained
     assert result.stopped == (

@@ -409,6 +409,32 @@ def test_resume_without_best_pt_is_refused_before_anything_is_written(tmp_path, 
     assert sorted(p.name for p in moved.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
+@pytest.mark.parametrize(
+    ("saved", "now", "how"),
+    [(2, "1", "resume it under torchrun with 2 processes in all"), (1, "2", "resume it without torchrun")],
+)
+def test_a_resume_with_another_number_of_processes_is_refused_before_the_data_loads(
+    tmp_path, fake_cifar, monkeypatch, saved, now, how
+):
+    from cerberus.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    run = tmp_path / "run"
+    train_run(cfg, out_dir=run, data_dir=str(fake_cifar), evaluate_test=False)
+    save_checkpoint(run / "last.pt", {**load_checkpoint(run / "last.pt"), "world_size": saved})
+    monkeypatch.setenv("WORLD_SIZE", now)  # what torchrun would set; refused before joining a group
+    monkeypatch.setattr("cerberus.runner.load_cifar10", lambda *a, **k: pytest.fail("the data loaded"))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    result = CliRunner().invoke(app, ["train", "--resume", str(run / "last.pt")])
+    assert result.exit_code == 2, result.output
+    processes = "process" if saved == 1 else "processes"
+    assert result.stderr == (
+        f"Error: this run was trained by {saved} {processes} (now {now}); {how}, or the data shards "
+        "and augmentation would change\n"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
 def _other_design_weights(ckpt: dict, key: str = "model") -> None:
     ckpt[key] = build_model(Architecture(blocks=(1,), channels=(8,))).state_dict()
 
@@ -492,6 +518,31 @@ def test_epoch_wise_schedules_change_at_epoch_boundaries(schedule, expected):
     lr = LRSchedule(cfg, steps_per_epoch=4)
     for (epoch, step), value in expected.items():
         assert lr.lr_at(epoch, step) == pytest.approx(value), (epoch, step)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "t_max", "milestones", "gamma"),
+    [(200, 50, [80, 150], 0.1), (60, 7, [8, 15, 15, 40], 0.5), (30, 30, [], 0.1), (25, 4, [5], 0.2)],
+)
+def test_the_seed_schedule_is_torchs_chained_cosine_and_multistep(epochs, t_max, milestones, gamma):
+    # The seed stepped both of torch's schedulers once per epoch; after the cosine's first return
+    # from zero past a milestone (epoch 151 of the seed's 200) torch's rate is not the closed form.
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+    steps = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+    torchs = []
+    for _ in range(epochs):
+        torchs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        cosine.step()
+        steps.step()
+    cfg = TrainConfig(epochs=epochs, lr=0.1, schedule="seed", t_max=t_max, milestones=milestones, gamma=gamma)
+    schedule = LRSchedule(cfg, steps_per_epoch=3)
+    ours = [schedule.lr_at(epoch, step) for epoch in range(epochs) for step in range(3)]
+    assert ours == pytest.approx([lr for lr in torchs for _ in range(3)], rel=1e-9, abs=1e-15)
+    if epochs == 200:
+        assert ours[151 * 3] == pytest.approx(0.1 * (1 - math.cos(math.pi / 50)) / 2)  # base rate, not x0.01
 
 
 def interrupt_after_epoch(epoch: int):

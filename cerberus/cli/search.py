@@ -340,7 +340,7 @@ def search_command(
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override the trial config: --set train.epochs=3 data.train_subset=5000"),
+        typer.Option("--set", help="Override the trial config: --set train.epochs=3 data.train_subset=10000"),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Search folder (default: runs/search-STUDY).")] = None,
     pruner: Annotated[
@@ -390,6 +390,11 @@ def search_command(
     if seed is not None and not 0 <= seed < 2**32:
         raise fail(f"--seed: must be in 0..{2**32 - 1} (Optuna's sampler), got {seed}", 2)
     space = load_space(space_file)
+    if min_params is not None and min_params >= (max_params or space.max_params):
+        budget = "--max-params" if max_params is not None else "the space's max_params"
+        raise fail(
+            f"--min-params: {min_params:,} must be below {budget} ({max_params or space.max_params:,})", 2
+        )
     if max_params is not None or min_params is not None:
         space = space.with_budget(max_params, min_params)
     base = None

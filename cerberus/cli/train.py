@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, fail, handle_errors, import_torch
+from cerberus.cli._app import MultiValueCommand, app, handle_errors, import_torch
+from cerberus.errors import ConfigError
 from cerberus.files import to_json
 
 
@@ -218,13 +219,13 @@ def train_command(
 
     if resume is not None:
         if config is not None or overrides:
-            raise fail("--resume takes the config from the checkpoint: drop CONFIG and --set", 2)
+            raise ConfigError("--resume takes the config from the checkpoint: drop CONFIG and --set")
         if out is not None:
-            raise fail("--resume continues in the checkpoint's own folder: drop --out", 2)
+            raise ConfigError("--resume continues in the checkpoint's own folder: drop --out")
         cfg = None
     else:
         if config is None:
-            raise fail("give a CONFIG file (see configs/), or --resume LAST_PT", 2)
+            raise ConfigError("give a CONFIG file (see configs/), or --resume LAST_PT")
         cfg = load_config(config, overrides or [])
 
     import_torch()

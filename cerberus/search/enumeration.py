@@ -58,7 +58,8 @@ class _Family:
         """:meth:`Architecture.label` less the blocks, with the stem's width, e.g.
         ``C[16,32,64] F3 K1 P8 stem16``: a stable name for a sampler's choice."""
         design = self.architecture([1] * len(self.widths)).label()  # "B[1,1,1] C[...] ..."
-        return f"{design.split(' ', 1)[1]} stem{self.stem_channels}"
+        rest, stem = design.split(" ", 1)[1], f" stem{self.stem_channels}"
+        return rest if rest.endswith(stem) else rest + stem  # the same names as before stem widths showed
 
     def architecture(self, blocks: Sequence[int]) -> Architecture:
         return Architecture(

@@ -11,7 +11,12 @@ server database, e.g. PostgreSQL (``pip install psycopg2-binary``)::
         --storage postgresql://user:password@dbhost/cerberus          # on every machine
 
 Trials that die with their process (kill -9, power loss) are marked failed by the next process
-that starts a trial in the study (Optuna heartbeats, :data:`HEARTBEAT_SECONDS`).
+that looks for a design to train in the study, once :data:`GRACE_SECONDS` have passed without a
+heartbeat (:func:`fail_stale_trials`); their designs may then be drawn again.
+
+A search folder holds the results of one study: :data:`FOLDER_MARK` names it (its name, and the
+``uid`` the study records when it is created), so a second study is refused there rather than
+writing over the first one's results.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import json
 import os
 import re
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from cerberus.config import ExperimentConfig, config_from_dict
-from cerberus.errors import ConfigError
+from cerberus.errors import CerberusError, ConfigError
+from cerberus.files import atomic_write, to_json
 from cerberus.search.results import TrialRecord
 from cerberus.search.space import SearchSpace
 
@@ -82,6 +89,50 @@ def _creation_lock(url: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _sqlite_database(url: str) -> str | None:
+    """The database of an SQLite URL (a path, ``:memory:`` or ``""``); None for other URLs."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).database or ""
+    except Exception:  # a bad URL: opening the storage says so
+        return None
+
+
+def _check_lasting(url: str) -> None:
+    """Refuse an in-memory SQLite storage: the study would vanish with this process, and its
+    heartbeat thread (another connection) would find no tables."""
+    if _sqlite_database(url) in ("", ":memory:"):
+        raise ConfigError(
+            f"--storage {url}: an in-memory study vanishes with this process and cannot be resumed "
+            "or shared; name a file, e.g. sqlite:///study.db"
+        )
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn a failure to read or write the study storage (a damaged SQLite file, a database
+    server gone) into one :class:`~cerberus.errors.CerberusError` naming the storage."""
+    import optuna
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
+        cause = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) else err
+        detail = str(cause or err).splitlines()[0] if str(cause or err) else type(err).__name__
+        raise CerberusError(
+            f"{_storage_name(url)}: the study storage cannot be read or written: {detail}"
+        ) from None
+
+
+def _storage_name(url: str) -> str:
+    database = _sqlite_database(url)
+    return f"study file {database}" if database not in (None, "", ":memory:") else f"--storage {url}"
+
+
 def _sqlite_file_missing(url: str) -> bool:
     """Whether ``url`` names an SQLite file that does not exist (opening it would create it)."""
     if not url.startswith("sqlite"):
@@ -124,6 +175,12 @@ def _open_storage(url: str):
                 time.sleep(attempt)
                 continue
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            database = _sqlite_database(url)
+            if isinstance(err, sqlalchemy.exc.DatabaseError) and database and Path(database).is_file():
+                raise CerberusError(  # a file that is there but cannot be read: damaged (exit 1)
+                    f"{_storage_name(url)}: cannot open the study storage (damaged, or not an Optuna "
+                    f"study): {detail}"
+                ) from None
             raise ConfigError(f"--storage {url}: cannot open the study storage: {detail}") from None
 
 
@@ -205,11 +262,12 @@ def open_study(
     """
     import optuna
 
+    _check_lasting(storage)
     if not create and _sqlite_file_missing(storage):  # reading only: create no file (nor its lock)
         raise ConfigError(f"no study named {study_name!r} in {storage}")
     sampler = optuna.samplers.TPESampler(seed=seed)
     fingerprint = _space_fingerprint(space)
-    with _creation_lock(storage):
+    with _creation_lock(storage), storage_errors(storage):
         store = _open_storage(storage)
         try:
             if create:
@@ -227,6 +285,8 @@ def open_study(
                 )
         except KeyError:
             raise ConfigError(f"no study named {study_name!r} in {storage}") from None
+        if create and "uid" not in study.user_attrs:  # what a search folder names it by
+            study.set_user_attr("uid", uuid.uuid4().hex)
         recorded = study.user_attrs.get("space")
         if recorded is None:
             study.set_user_attr("space", fingerprint)
@@ -253,6 +313,71 @@ def open_study(
             f"({'; '.join(differ)}); use the same --config and --set, or a new --study name"
         )
     return study
+
+
+def fail_stale_trials(study) -> None:
+    """Mark failed the running trials whose process died (no heartbeat for :data:`GRACE_SECONDS`):
+    their claims on designs lapse, and the designs may be drawn again."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+FOLDER_MARK = "study.json"  # in a search folder: the study whose results it holds
+
+
+def folder_study(out_dir: Path) -> dict[str, Any] | None:
+    """The study a search folder holds the results of (``study``, ``uid``, ``storage``), or None
+    for a folder that names none (new, or from before folders named their study)."""
+    path = Path(out_dir) / FOLDER_MARK
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read which study this search folder holds ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("study"), str):
+        raise ConfigError(f"{path}: not a search folder's study record; remove it or choose another --out")
+    return data
+
+
+def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict[str, Any] | None:
+    """Refuse a search folder that names another study: another name, or (``uid``: the study's,
+    once open) a study created anew under the same name. Returns the folder's record, if any."""
+    owner = folder_study(out_dir)
+    if owner is None:
+        return None
+    if owner["study"] != study_name or (uid is not None and owner.get("uid") != uid):
+        anew = " (another study created under that name)" if owner["study"] == study_name else ""
+        raise ConfigError(
+            f"--out {out_dir}: holds the results of study {owner['study']!r}{anew}, in "
+            f"{owner.get('storage', 'a storage not recorded')}; choose another --out"
+        )
+    return owner
+
+
+def claim_folder(out_dir: Path, study, storage: str) -> None:
+    """Check that ``out_dir`` holds this open study's results, or none (:func:`check_folder`),
+    and name the study there.
+
+    A folder from before folders named their study is taken by a study with trials; a study
+    without any is refused there if the folder holds a search's results.
+    """
+    uid = study.user_attrs.get("uid")
+    if check_folder(out_dir, study.study_name, uid) is not None:
+        return
+    folder = Path(out_dir)
+    used = (folder / "leaderboard.json").exists() or any((folder / "trials").glob("*"))
+    if used and not study.get_trials(deepcopy=False):
+        raise ConfigError(
+            f"--out {out_dir}: holds the results of another search (leaderboard.json, trials/); "
+            "choose another --out"
+        )
+    if uid is not None:
+        record = {"study": study.study_name, "uid": uid, "storage": storage}
+        atomic_write(folder / FOLDER_MARK, to_json(record, indent=2) + "\n")
 
 
 def _shown(value: Any) -> str:

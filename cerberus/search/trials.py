@@ -60,11 +60,16 @@ from cerberus.search.results import (
 )
 from cerberus.search.space import SearchSpace
 from cerberus.search.study import (
+    GRACE_SECONDS,
     PrunerName,
+    check_folder,
+    claim_folder,
     default_storage,
+    fail_stale_trials,
     leaderboard,
     open_study,
     rejection_settings,
+    storage_errors,
     trial_recipe,
     trial_record,
 )
@@ -287,7 +292,9 @@ class _Objective:
         try:
             config = design_config(arch, self.space.max_params, self.base, name=f"trial-{trial.number:04d}")
         except ConfigError as err:  # the base's settings do not suit this design (whiten_stem)
-            trial.set_user_attr("rejected", f"invalid config: {err}")
+            # "trial-0007: invalid config\n<setting>: <why>..." -> "invalid config: <setting>: <why>..."
+            detail = str(err).removeprefix(f"trial-{trial.number:04d}: invalid config\n")
+            trial.set_user_attr("rejected", f"invalid config: {detail}")
             raise optuna.TrialPruned(f"rejected before training: {err}") from None
         hazard = nhwc_backward_hazard(arch) if config.train.channels_last else None
         if hazard is not None:
@@ -372,7 +379,7 @@ class _Objective:
             }
         )
         if epoch < self.epochs and trial.should_prune():
-            reason = f"pruned after epoch {epoch} (val accuracy {accuracy:.4f})"
+            reason = f"after epoch {epoch} (val accuracy {accuracy:.4f})"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)  # propagates out of the runner, which cleans up
 
@@ -382,9 +389,20 @@ def _held_every_design(study, tried, max_params: int, machine: str | None = None
     many of them were rejected before training (and the settings that rejected them)."""
     within = {arch for arch in tried if count_params(arch) <= max_params}
     message = f"the study holds every design within the budget ({len(within):,})"
+    import optuna
+
     notes: dict[Architecture, list[str | None]] = {}  # each design's holders' rejection notes
+    running: dict[Architecture, bool] = {}  # whether every holder of a design is still running
     for t, arch in _holding_trials(study, machine):
         notes.setdefault(arch, []).append(t.user_attrs.get("rejected"))
+        running[arch] = running.get(arch, True) and t.state == optuna.trial.TrialState.RUNNING
+    claimed = sum(running.get(arch, False) for arch in within)
+    if claimed:  # a worker trains it now, or its process died: the claim lapses without a heartbeat
+        message += (
+            f"; {claimed:,} of them {'is' if claimed == 1 else 'are'} held by a running trial, "
+            f"released if its process has died once {GRACE_SECONDS // 60} minutes pass without its "
+            "heartbeat"
+        )
     # a design counts as rejected when nothing but rejections holds it (a worker elsewhere may
     # have trained one that this machine rejects)
     rejected = [held[0] for held in (notes.get(arch, [None]) for arch in within) if all(held)]
@@ -477,30 +495,53 @@ def run_trials(
         except OSError as err:
             raise ConfigError(f"--out {out_dir}: cannot create the search folder ({err.strerror})") from None
 
-    if trials and storage is None:  # the default storage lives in it; otherwise it is made once
-        make_out_dir()  # the study is open (a report, or a storage that fails, leaves nothing)
-    if trials and top:  # where the configs go at the end: refused now rather than after training
-        check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
+    # Trials need the folder before the study is made (a study bound to its recipe with nowhere
+    # to write would refuse the next search); a report, or a storage that fails, leaves nothing.
+    made = trials > 0 and not out_dir.exists()
+    if trials:
+        make_out_dir()
     storage = storage or default_storage(out_dir)
-    study = open_study(
-        space,
-        study_name=study_name,
-        storage=storage,
-        pruner=pruner,
-        epochs=epochs,
-        seed=seed,
-        create=trials > 0,
-        recipe=trial_recipe(trial_data) if trials else None,
-    )
+    try:
+        if trials and top:  # where the configs go at the end: refused now rather than after training
+            check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
+        # Another study's results are refused before anything is made; a folder that holds this
+        # study's needs the study to be there already (not one made anew under its name).
+        owner = check_folder(out_dir, study_name)
+        try:
+            study = open_study(
+                space,
+                study_name=study_name,
+                storage=storage,
+                pruner=pruner,
+                epochs=epochs,
+                seed=seed,
+                create=trials > 0 and owner is None,
+                recipe=trial_recipe(trial_data) if trials else None,
+            )
+        except ConfigError as err:
+            if owner is None or not str(err).startswith("no study named"):
+                raise
+            raise ConfigError(
+                f"--out {out_dir}: holds the results of study {study_name!r} in {owner.get('storage')}, "
+                f"which {storage} does not hold; choose another --out, or the --storage that holds it"
+            ) from None
+    except CerberusError:
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if nothing was put in it
+        raise
     make_out_dir()
     emit = on_event or (lambda event: None)
+    with storage_errors(storage):
+        claim_folder(out_dir, study, storage)
+        existing = len(leaderboard(study))
     emit(
         {
             "event": "study",
             "study": study_name,
             "storage": storage,
             "out_dir": str(out_dir),
-            "existing_trials": len(leaderboard(study)),
+            "existing_trials": existing,
             "trials": trials,
         }
     )
@@ -534,11 +575,12 @@ def run_trials(
     fatal: CerberusError | None = None
     quiet = _QuietDuplicates(objective.duplicates)
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
-    with signals:  # also while the results are written
+    with storage_errors(storage), signals:  # also while the results are written
         try:
             while trained < trials:
                 if stop():
                     raise Interrupted(f"stopped by {signal_name(stop.signum)}", signal_exit_code(stop.signum))
+                fail_stale_trials(study)  # a dead process's claims lapse
                 tried = _tried_designs(study, machine)
                 if _untried_design(families, tried, space.max_params) is None:
                     stopped = _held_every_design(study, tried, space.max_params, machine)
