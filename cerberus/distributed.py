@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +41,25 @@ class RankFailedError(CerberusError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class LostProcessError(CerberusError):
+    """A collective call failed because another process of the run is gone (killed, crashed):
+    raised on every process that finds out, rank 0 or not (rank 0 may be the one gone)."""
+
+
+# What gloo and nccl say when the process at the other end is gone (not a mistake of this one).
+_PEER_GONE = re.compile(
+    r"connection (reset|closed) by peer|broken pipe|remote process exited|socket closed", re.IGNORECASE
+)
+
+
+def lost_a_process(err: BaseException) -> bool:
+    """Whether ``err``, raised by a collective call, means another process of the run is gone."""
+    network = tuple(
+        getattr(dist, name) for name in ("DistNetworkError", "DistStoreError") if hasattr(dist, name)
+    )
+    return isinstance(err, network) or _PEER_GONE.search(str(err)) is not None
 
 
 def _failure(err: BaseException) -> tuple[str, int]:

@@ -76,13 +76,13 @@ def _check_layout(layout: str | None) -> None:
         raise ConfigError(f"layout: {detail}", field="layout", detail=detail)
 
 
-def _images_from(data: Any, path: Path, layout: str | None) -> tuple[torch.Tensor, str]:
+def _images_from(data: Any, path: Path, layout: str | None, name: str = "'data'") -> tuple[torch.Tensor, str]:
     if not isinstance(data, np.ndarray):
-        raise DataError(f"{path}: 'data' is a {type(data).__name__}, expected a numpy array of pixels")
+        raise DataError(f"{path}: {name} is a {type(data).__name__}, expected a numpy array of pixels")
     if data.dtype != np.uint8:
         integral = np.issubdtype(data.dtype, np.integer)
         if not (integral and data.size and data.min() >= 0 and data.max() <= 255):
-            raise DataError(f"{path}: 'data' has dtype {data.dtype}; expected uint8 pixel values 0-255")
+            raise DataError(f"{path}: {name} has dtype {data.dtype}; expected uint8 pixel values 0-255")
         data = data.astype(np.uint8)
     shape = tuple(data.shape)
     if len(shape) == 2 and shape[1] == IMAGE_VALUES:
@@ -93,7 +93,7 @@ def _images_from(data: Any, path: Path, layout: str | None) -> tuple[torch.Tenso
         detected = "chw"
     else:
         raise DataError(
-            f"{path}: 'data' has shape {list(shape)}; expected N x 3072 (channel-major rows) "
+            f"{path}: {name} has shape {list(shape)}; expected N x 3072 (channel-major rows) "
             "or N x 32 x 32 x 3 (channels last)"
         )
     _check_layout(layout)
@@ -153,7 +153,8 @@ def read_unlabeled(path: Path, layout: str | None = None) -> tuple[list, torch.T
 def _read_unlabeled(path: Path, layout: str | None) -> tuple[list, torch.Tensor, str]:
     payload = _read_pickle(path)
     if isinstance(payload, np.ndarray):  # the images alone: ids 0..N-1
-        payload = {"data": payload}
+        images, layout = _images_from(payload, path, layout, name="the array it holds")
+        return list(range(images.shape[0])), images, layout
     if not isinstance(payload, dict):
         raise DataError(
             f"{path} holds a {type(payload).__name__}; expected a dict with 'data' (and optionally "

@@ -50,7 +50,7 @@ from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
 from cerberus.data import load_cifar10, make_splits, resolve_data_root
 from cerberus.device import Placement, resolve_placement, tune_backends
-from cerberus.distributed import DistContext
+from cerberus.distributed import DistContext, LostProcessError, lost_a_process
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
 from cerberus.errors import (
     CerberusError,
@@ -720,18 +720,13 @@ class Run:
         return summary
 
 
-def _lost_a_process(err: RuntimeError) -> bool:
-    """Whether a collective call failed because another process of the run is gone (killed,
-    crashed): gloo's connection errors, or torch.distributed's own error types."""
-    dist_error = getattr(torch.distributed, "DistError", ())
-    lost = re.search(r"gloo|nccl|connection (reset|closed)", str(err), re.IGNORECASE)
-    return isinstance(err, dist_error) or lost is not None
-
-
-def _lost_process_message(err: RuntimeError, out_dir: Path | str | None) -> str:
-    """What a process says when another one of the run is gone: the cause, and what is kept."""
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
-    message = f"another process of this run stopped, so this one cannot go on ({cause or type(err).__name__})"
+def _lost_process_message(err: RuntimeError, out_dir: Path | str | None, rank: int) -> str:
+    """What a process says when another one of the run is gone: what it saw, and what is kept."""
+    seen = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
+    message = (
+        f"another process of this run stopped, so process {rank} cannot go on "
+        f"({seen or type(err).__name__}); torchrun's report names the process that failed"
+    )
     last = Path(out_dir) / "last.pt" if out_dir is not None else None
     if last is not None and last.is_file():
         return (
@@ -952,9 +947,9 @@ def train_run(
             "the device ran out of memory: lower train.batch_size or train.eval_batch_size"
         ) from None
     except RuntimeError as err:
-        if not (dist.active and _lost_a_process(err)):
+        if not (dist.active and lost_a_process(err)):
             raise
-        raise CerberusError(_lost_process_message(err, out_dir)) from None
+        raise LostProcessError(_lost_process_message(err, out_dir, dist.rank)) from None
     finally:
         dist.close()
     return RunResult(

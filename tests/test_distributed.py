@@ -272,7 +272,8 @@ def test_a_process_that_dies_leaves_one_message_and_the_checkpoint(config_file, 
     assert "[rank0]: Traceback" not in done.stderr, done.stderr  # torchrun's own report follows
     errors = re.findall(r"^Error: .*$", done.stderr, flags=re.MULTILINE)
     assert len(errors) == 1, done.stderr
-    assert errors[0].startswith("Error: another process of this run stopped, so this one cannot go on (")
+    assert errors[0].startswith("Error: another process of this run stopped, so process 0 cannot go on (")
+    assert "); torchrun's report names the process that failed; " in errors[0]
     assert errors[0].endswith(
         f"; {out / 'last.pt'} is kept. Resume with: torchrun <same options> -m cerberus train "
         f"--resume {out / 'last.pt'}"
@@ -312,16 +313,54 @@ def test_an_error_before_training_is_reported_once_and_writes_nothing(
 # The pieces, without processes
 
 
-@pytest.mark.parametrize(("local_rank", "reported"), [("0", True), ("1", False)])
+@pytest.mark.parametrize(
+    ("world_size", "local_rank", "reported"), [("2", "0", True), ("2", "1", False), ("1", "1", True)]
+)
 def test_only_the_first_process_of_a_machine_reports_an_error_before_training(
-    config_file, monkeypatch, local_rank, reported
+    config_file, tmp_path, monkeypatch, world_size, local_rank, reported
 ):
-    # Every process of a torchrun job parses the same command line and config: one message.
+    # Every process of a torchrun job parses the same command line and config: one message per
+    # machine. Outside torchrun (one process) a LOCAL_RANK left in the environment changes nothing.
+    monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     for args in (["--set", "train.lr=-1"], ["--out", "x", "--resume", "last.pt"]):
         result = CliRunner().invoke(app, ["train", str(config_file), *args])
         assert result.exit_code == 2, result.output
         assert result.stderr.startswith("Error: ") if reported else result.stderr == ""
+    # other commands never run under torchrun: they always say what is wrong
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "missing.pt")])
+    assert result.exit_code != 0 and result.stderr.startswith("Error: ")
+
+
+def test_only_a_peer_gone_counts_as_a_lost_process():
+    from cerberus.distributed import lost_a_process
+
+    gone = [
+        "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:7596: Connection reset by peer",
+        "[gloo/transport/tcp/unbound_buffer.cc:81] Connection closed by peer [127.0.0.1]:42",
+        "NCCL error: remote process exited or there was a network error",
+    ]
+    mistakes = [  # this process's own: their tracebacks must not be hidden
+        "ProcessGroupGloo::broadcast: invalid root rank: 7",
+        "Cannot use ReduceOp.PREMUL_SUM with Gloo",
+        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.21.5",
+    ]
+    assert [lost_a_process(RuntimeError(m)) for m in gone] == [True] * 3
+    assert [lost_a_process(RuntimeError(m)) for m in mistakes] == [False] * 3
+
+
+def test_every_process_that_finds_another_gone_says_so(config_file, monkeypatch):
+    # rank 0 may be the process that is gone: rank 1 says what it saw, not only rank 0
+    from cerberus.distributed import LostProcessError
+
+    def lost(*args, **kwargs):
+        raise LostProcessError("another process of this run stopped, so process 1 cannot go on (x)")
+
+    monkeypatch.setattr("cerberus.runner.train_run", lost)
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, ["train", str(config_file)])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: another process of this run stopped, so process 1 cannot go on (x)\n"
 
 
 def test_a_single_process_context_has_nothing_to_agree_on(monkeypatch, tmp_path):

@@ -224,6 +224,10 @@ def test_a_pickle_of_the_images_alone_is_read_with_ids_in_order(tmp_path):
         ids, read = read_unlabeled(write_pickle(tmp_path / "bare.pkl", np.ascontiguousarray(images)))
         assert ids == list(range(N))
         assert torch.equal(read, torch.from_numpy(images_chw()))
+    with pytest.raises(
+        DataError, match=r"bare.pkl: the array it holds has shape \[12, 100\]; expected N x 3072"
+    ):
+        read_unlabeled(write_pickle(tmp_path / "bare.pkl", images_chw().reshape(N, 3072)[:, :100]))
 
 
 def bad_inputs(tmp_path) -> list[tuple[object, str]]:

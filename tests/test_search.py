@@ -427,6 +427,14 @@ def test_cli_refusals(args, message) -> None:
     assert "Traceback" not in result.output
 
 
+def test_a_budget_below_the_space_files_floor_names_the_flag(tmp_path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("stages = [3]\nmin_params = 1000\n")
+    result = invoke(str(space), "--max-params", "1000")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "Error: --max-params: 1,000 must be above the space's min_params (1,000)\n"
+
+
 # --------------------------------------------------------------------------------------------
 # Trials with a fake trainer (deterministic accuracies, no torch)
 
@@ -1131,9 +1139,20 @@ def test_a_folder_from_before_folders_named_their_study_is_taken_by_its_study(tm
     assert json.loads((folder / "study.json").read_text())["study"] == "default"
     (folder / "study.json").unlink()
     storage = f"sqlite:///{tmp_path / 'new.db'}"
-    with pytest.raises(ConfigError, match="holds the results of another search"):
+    with pytest.raises(ConfigError, match="holds the results of another search, which sqlite:///"):
         trials(tmp_path, trainer, n=1, study_name="new", storage=storage)
-    assert len(trainer.configs) == 2
+    assert len(trainer.configs) == 2 and not (tmp_path / "new.db").exists()  # no study made
+    # A study that exists is taken, trials or not; one from before studies recorded a uid (made
+    # by another tool, say) is not given one by a worker that merely opens it: only a study's
+    # creator writes it, so workers sharing a server database cannot race to name it.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="zero", storage=other)
+    trials(tmp_path / "zero", FakeTrainer(), n=0, study_name="zero", storage=other)  # a report
+    assert (tmp_path / "zero" / "search" / "leaderboard.json").exists()  # a folder with results
+    trials(tmp_path / "zero", trainer, n=1, study_name="zero", storage=other)
+    assert len(trainer.configs) == 3
+    assert "uid" not in optuna.load_study(study_name="zero", storage=other).user_attrs
+    assert not (tmp_path / "zero" / "search" / "study.json").exists()
 
 
 def test_a_failed_out_binds_no_study_to_its_recipe(tmp_path) -> None:
@@ -1186,6 +1205,8 @@ def test_a_trial_whose_process_died_releases_its_design(tmp_path) -> None:
         t.number: t.state for t in optuna.load_study(study_name="default", storage=result.storage).trials
     }
     assert states[dead.number] == optuna.trial.TrialState.FAIL
+    record = next(r for r in again.leaderboard if r.number == dead.number)
+    assert (record.state, record.note) == ("failed", "no result: its process died or crashed")
 
 
 def test_a_damaged_study_file_is_one_error_line(tmp_path) -> None:

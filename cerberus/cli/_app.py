@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar
@@ -96,20 +95,13 @@ def import_torch() -> None:
 
 
 def handle_errors(command):
-    """Turn library errors into one short message and an exit code.
-
-    Under torchrun every process parses the same command line and reads the same files, so an
-    error before training is reported by the first process of each machine (LOCAL_RANK 0), not
-    once per process; the others exit with its code silently.
-    """
+    """Turn library errors into one short message and an exit code."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except CerberusError as err:
-            if os.environ.get("LOCAL_RANK", "0") != "0":
-                raise typer.Exit(err.exit_code) from None
             raise fail(str(err), err.exit_code) from None
 
     return wrapper

@@ -395,6 +395,10 @@ def search_command(
         raise fail(
             f"--min-params: {min_params:,} must be below {budget} ({max_params or space.max_params:,})", 2
         )
+    if max_params is not None and min_params is None and space.min_params >= max_params:
+        raise fail(
+            f"--max-params: {max_params:,} must be above the space's min_params ({space.min_params:,})", 2
+        )
     if max_params is not None or min_params is not None:
         space = space.with_budget(max_params, min_params)
     base = None

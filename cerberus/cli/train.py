@@ -216,17 +216,25 @@ def train_command(
       torchrun --nproc-per-node 2 -m cerberus train configs/resnet24.toml
     """
     from cerberus.config import load_config
+    from cerberus.errors import CerberusError
 
-    if resume is not None:
-        if config is not None or overrides:
-            raise ConfigError("--resume takes the config from the checkpoint: drop CONFIG and --set")
-        if out is not None:
-            raise ConfigError("--resume continues in the checkpoint's own folder: drop --out")
-        cfg = None
-    else:
-        if config is None:
-            raise ConfigError("give a CONFIG file (see configs/), or --resume LAST_PT")
-        cfg = load_config(config, overrides or [])
+    try:
+        if resume is not None:
+            if config is not None or overrides:
+                raise ConfigError("--resume takes the config from the checkpoint: drop CONFIG and --set")
+            if out is not None:
+                raise ConfigError("--resume continues in the checkpoint's own folder: drop --out")
+            cfg = None
+        else:
+            if config is None:
+                raise ConfigError("give a CONFIG file (see configs/), or --resume LAST_PT")
+            cfg = load_config(config, overrides or [])
+    except CerberusError as err:
+        # Under torchrun every process reads the same command line and files: the first process
+        # of each machine says what is wrong, the others exit with its code.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
+            raise typer.Exit(err.exit_code) from None
+        raise
 
     import_torch()
     from cerberus.distributed import is_main_process
@@ -252,13 +260,15 @@ def train_command(
     except BaseException as err:
         if display is not None:
             display.stop()
-        from cerberus.errors import CerberusError, Interrupted
+        from cerberus.distributed import LostProcessError
+        from cerberus.errors import Interrupted
 
         if isinstance(err, Interrupted):
             if main_process:
                 typer.echo(str(err), err=True)
             raise typer.Exit(err.exit_code) from None
-        if isinstance(err, CerberusError) and not main_process:
+        if isinstance(err, CerberusError) and not main_process and not isinstance(err, LostProcessError):
             # Under torchrun, rank 0 reports every rank's error: one message, not one per process.
+            # A process that finds another gone says so itself: that one may be rank 0.
             raise typer.Exit(err.exit_code) from None
         raise

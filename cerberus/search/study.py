@@ -176,7 +176,11 @@ def _open_storage(url: str):
                 continue
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             database = _sqlite_database(url)
-            if isinstance(err, sqlalchemy.exc.DatabaseError) and database and Path(database).is_file():
+            damaged = isinstance(err, sqlalchemy.exc.DatabaseError) and not isinstance(
+                err,
+                sqlalchemy.exc.OperationalError,  # locked, or cannot be opened: not the content
+            )
+            if damaged and database and Path(database).is_file():
                 raise CerberusError(  # a file that is there but cannot be read: damaged (exit 1)
                     f"{_storage_name(url)}: cannot open the study storage (damaged, or not an Optuna "
                     f"study): {detail}"
@@ -269,23 +273,22 @@ def open_study(
     fingerprint = _space_fingerprint(space)
     with _creation_lock(storage), storage_errors(storage):
         store = _open_storage(storage)
+        settings = dict(
+            storage=store, study_name=study_name, sampler=sampler, pruner=_make_pruner(pruner, epochs)
+        )
+        created = False
         try:
             if create:
-                study = optuna.create_study(
-                    storage=store,
-                    study_name=study_name,
-                    direction="maximize",
-                    sampler=sampler,
-                    pruner=_make_pruner(pruner, epochs),
-                    load_if_exists=True,
-                )
+                try:
+                    study = optuna.create_study(direction="maximize", **settings)
+                    created = True
+                except optuna.exceptions.DuplicatedStudyError:  # it exists: load it
+                    study = optuna.load_study(**settings)
             else:
-                study = optuna.load_study(
-                    study_name=study_name, storage=store, sampler=sampler, pruner=_make_pruner(pruner, epochs)
-                )
+                study = optuna.load_study(**settings)
         except KeyError:
             raise ConfigError(f"no study named {study_name!r} in {storage}") from None
-        if create and "uid" not in study.user_attrs:  # what a search folder names it by
+        if created:  # the name search folders know it by; only its creator writes it (no race)
             study.set_user_attr("uid", uuid.uuid4().hex)
         recorded = study.user_attrs.get("space")
         if recorded is None:
@@ -349,7 +352,7 @@ def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict
     owner = folder_study(out_dir)
     if owner is None:
         return None
-    if owner["study"] != study_name or (uid is not None and owner.get("uid") != uid):
+    if owner["study"] != study_name or (None not in (uid, owner.get("uid")) and owner.get("uid") != uid):
         anew = " (another study created under that name)" if owner["study"] == study_name else ""
         raise ConfigError(
             f"--out {out_dir}: holds the results of study {owner['study']!r}{anew}, in "
@@ -360,24 +363,17 @@ def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict
 
 def claim_folder(out_dir: Path, study, storage: str) -> None:
     """Check that ``out_dir`` holds this open study's results, or none (:func:`check_folder`),
-    and name the study there.
-
-    A folder from before folders named their study is taken by a study with trials; a study
-    without any is refused there if the folder holds a search's results.
-    """
+    and name the study there (a study from before studies recorded a ``uid`` is not named)."""
     uid = study.user_attrs.get("uid")
-    if check_folder(out_dir, study.study_name, uid) is not None:
-        return
-    folder = Path(out_dir)
-    used = (folder / "leaderboard.json").exists() or any((folder / "trials").glob("*"))
-    if used and not study.get_trials(deepcopy=False):
-        raise ConfigError(
-            f"--out {out_dir}: holds the results of another search (leaderboard.json, trials/); "
-            "choose another --out"
-        )
-    if uid is not None:
+    if check_folder(out_dir, study.study_name, uid) is None and uid is not None:
         record = {"study": study.study_name, "uid": uid, "storage": storage}
-        atomic_write(folder / FOLDER_MARK, to_json(record, indent=2) + "\n")
+        atomic_write(Path(out_dir) / FOLDER_MARK, to_json(record, indent=2) + "\n")
+
+
+def holds_results(out_dir: Path) -> bool:
+    """Whether a folder holds a search's results (a leaderboard, trial folders)."""
+    folder = Path(out_dir)
+    return (folder / "leaderboard.json").exists() or any((folder / "trials").glob("*"))
 
 
 def _shown(value: Any) -> str:
@@ -426,8 +422,13 @@ def trial_record(trial) -> TrialRecord:
         val_accuracy=accuracy,
         epochs=attrs.get("epochs", 0),
         epochs_planned=attrs.get("epochs_planned"),
-        note=next((attrs[key] for key in _NOTES if attrs.get(key)), ""),
+        note=next((attrs[key] for key in _NOTES if attrs.get(key)), "") or _SILENT.get(state, ""),
     )
+
+
+# The note of a trial that ended without saying why: its process was killed (its heartbeat
+# stopped, see fail_stale_trials) or crashed.
+_SILENT = {"failed": "no result: its process died or crashed"}
 
 
 # The user attributes that say why a trial did not complete, as the leaderboard's note.

@@ -66,6 +66,7 @@ from cerberus.search.study import (
     claim_folder,
     default_storage,
     fail_stale_trials,
+    holds_results,
     leaderboard,
     open_study,
     rejection_settings,
@@ -245,7 +246,7 @@ class _QuietDuplicates(logging.Filter):
 
 
 def trial_folder(study_name: str, number: int) -> str:
-    """``<study>-0007``: studies sharing an output folder keep their trials apart."""
+    """``<study>-0007``, in the search folder's ``trials/``."""
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', study_name)}-{number:04d}"
 
 
@@ -504,9 +505,11 @@ def run_trials(
     try:
         if trials and top:  # where the configs go at the end: refused now rather than after training
             check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
-        # Another study's results are refused before anything is made; a folder that holds this
-        # study's needs the study to be there already (not one made anew under its name).
+        # Another study's results are refused before anything is made; a folder that holds
+        # results (named by study.json, or from before folders named their study) needs its
+        # study to be there already, not one made anew under its name.
         owner = check_folder(out_dir, study_name)
+        used = owner is not None or holds_results(out_dir)
         try:
             study = open_study(
                 space,
@@ -515,15 +518,16 @@ def run_trials(
                 pruner=pruner,
                 epochs=epochs,
                 seed=seed,
-                create=trials > 0 and owner is None,
+                create=trials > 0 and not used,
                 recipe=trial_recipe(trial_data) if trials else None,
             )
         except ConfigError as err:
-            if owner is None or not str(err).startswith("no study named"):
+            if not used or not str(err).startswith("no study named"):
                 raise
+            whose = f"study {study_name!r} in {owner.get('storage')}" if owner else "another search"
             raise ConfigError(
-                f"--out {out_dir}: holds the results of study {study_name!r} in {owner.get('storage')}, "
-                f"which {storage} does not hold; choose another --out, or the --storage that holds it"
+                f"--out {out_dir}: holds the results of {whose}, which {storage} does not hold; "
+                "choose another --out (or remove that folder to start again)"
             ) from None
     except CerberusError:
         if made:
