@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 from cerberus.arch import Architecture, count_macs, count_params
 from cerberus.cli import app
 from cerberus.config import load_config
-from cerberus.errors import BudgetError, ConfigError, DataError, Interrupted
+from cerberus.errors import BudgetError, CerberusError, ConfigError, DataError, Interrupted
 from cerberus.search import (
     SearchSpace,
     count_designs,
@@ -1122,7 +1123,8 @@ def test_a_search_folder_holds_one_study_and_refuses_another(tmp_path) -> None:
     (folder / "study.db").unlink()
     for _ in range(2):
         with pytest.raises(
-            ConfigError, match=r"holds the results of study 'first' in sqlite:///.*, which sqlite"
+            ConfigError,
+            match=r"holds the results of study 'first', which sqlite:///.* no longer holds \(deleted\?\)",
         ):
             trials(tmp_path, trainer, n=1, study_name="first")
     assert not (folder / "study.db").exists()
@@ -1139,7 +1141,7 @@ def test_a_folder_from_before_folders_named_their_study_is_taken_by_its_study(tm
     assert json.loads((folder / "study.json").read_text())["study"] == "default"
     (folder / "study.json").unlink()
     storage = f"sqlite:///{tmp_path / 'new.db'}"
-    with pytest.raises(ConfigError, match="holds the results of another search, which sqlite:///"):
+    with pytest.raises(ConfigError, match=r"holds the results of study 'default' \(leaderboard.json\)"):
         trials(tmp_path, trainer, n=1, study_name="new", storage=storage)
     assert len(trainer.configs) == 2 and not (tmp_path / "new.db").exists()  # no study made
     # A study that exists is taken, trials or not; one from before studies recorded a uid (made
@@ -1153,6 +1155,74 @@ def test_a_folder_from_before_folders_named_their_study_is_taken_by_its_study(tm
     assert len(trainer.configs) == 3
     assert "uid" not in optuna.load_study(study_name="zero", storage=other).user_attrs
     assert not (tmp_path / "zero" / "search" / "study.json").exists()
+
+
+def test_a_folder_without_study_json_still_refuses_another_study(tmp_path) -> None:
+    trainer = FakeTrainer()
+    trials(tmp_path, trainer, n=1)
+    folder = tmp_path / "search"
+    (folder / "study.json").unlink()
+    (folder / "trials" / "default-0000").mkdir(parents=True)  # as a real trial leaves it
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    # its leaderboard names its study...
+    with pytest.raises(ConfigError, match=r"holds the results of study 'default' \(leaderboard.json\)"):
+        trials(tmp_path, trainer, n=0, study_name="s", storage=shared)
+    # ...and so do its trial folders' names, without the leaderboard
+    (folder / "leaderboard.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds the results of study 'default' \(trials/default-NNNN\)"):
+        trials(tmp_path, trainer, n=1, study_name="s", storage=shared)
+    assert not (folder / "leaderboard.json").exists() and len(trainer.configs) == 1
+
+
+def test_a_worker_folder_opened_without_its_storage_says_which(tmp_path) -> None:
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    trials(tmp_path, FakeTrainer(), n=1, study_name="s", storage=shared)
+    with pytest.raises(ConfigError) as caught:
+        trials(tmp_path, FakeTrainer(), n=1, study_name="s")  # --storage forgotten
+    assert str(caught.value) == (
+        f"--out {tmp_path / 'search'}: holds the results of study 's' in {shared}; pass --storage "
+        f"{shared} to continue it, or choose another --out"
+    )
+    assert not (tmp_path / "search" / "study.db").exists()
+
+
+def test_a_moved_search_folder_records_where_its_study_is_now(tmp_path) -> None:
+    trials(tmp_path / "a", FakeTrainer(), n=1)
+    (tmp_path / "a").rename(tmp_path / "b")
+    result, _ = trials(tmp_path / "b", FakeTrainer(), n=1)
+    assert json.loads((tmp_path / "b" / "search" / "study.json").read_text())["storage"] == result.storage
+    assert str(tmp_path / "b" / "search" / "study.db") in result.storage
+
+
+def test_a_report_writes_nothing_into_a_database_without_studies(tmp_path) -> None:
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE mine (x)")
+    before = db.read_bytes()
+    (tmp_path / "empty.db").write_bytes(b"")
+    for path in (db, tmp_path / "empty.db"):
+        result = invoke("--trials", "0", "--out", str(tmp_path / "out"), "--storage", f"sqlite:///{path}")
+        assert result.exit_code == 2 and "Error: no study named 'default'" in result.stderr
+    assert db.read_bytes() == before and (tmp_path / "empty.db").read_bytes() == b""
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_study_json_or_a_file_as_out_is_one_error_line(tmp_path) -> None:
+    trials(tmp_path, FakeTrainer(), n=1)
+    (tmp_path / "search" / "study.json").write_text("{bad")
+    result = invoke("--trials", "0", "--out", str(tmp_path / "search"))
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"Error: {tmp_path / 'search' / 'study.json'}: damaged, or not a search folder's record of its "
+        "study; remove it (the folder's study is then read from leaderboard.json and trials/) or choose "
+        "another --out\n"
+    )
+    (tmp_path / "file").write_text("")
+    result = invoke("--trials", "0", "--top", "0", "--out", str(tmp_path / "file"))
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: --out {tmp_path / 'file'}: is a file, not a folder for the search\n"
 
 
 def test_a_failed_out_binds_no_study_to_its_recipe(tmp_path) -> None:
@@ -1207,6 +1277,62 @@ def test_a_trial_whose_process_died_releases_its_design(tmp_path) -> None:
     assert states[dead.number] == optuna.trial.TrialState.FAIL
     record = next(r for r in again.leaderboard if r.number == dead.number)
     assert (record.state, record.note) == ("failed", "no result: its process died or crashed")
+
+
+def test_a_trial_declared_dead_while_it_trained_stops_the_search_with_the_results_written(
+    tmp_path, caplog
+) -> None:
+    # The process was stopped (SIGSTOP, a laptop asleep) for longer than the grace period: another
+    # worker marked its trial failed and may train the design. Its result cannot be told.
+    class Sleeper(FakeTrainer):
+        def __call__(self, config, **kwargs):
+            result = super().__call__(config, **kwargs)
+            study = optuna.load_study(
+                study_name="default", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}"
+            )
+            running = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+            study._storage.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+            return result
+
+    trainer = Sleeper()
+    with pytest.raises(CerberusError) as caught:
+        trials(tmp_path, trainer, n=2)
+    check_declared_dead(caught, trainer, tmp_path)
+
+    # Marked failed between two epochs: the next epoch's report cannot be recorded either.
+    class Dozer(FakeTrainer):
+        def __call__(self, config, *, on_event, **kwargs):
+            def on_epoch(event):
+                on_event(event)
+                study = optuna.load_study(
+                    study_name="default", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}"
+                )
+                running = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+                if running:
+                    study._storage.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+
+            return super().__call__(config, on_event=on_epoch, **kwargs)
+
+    shutil.rmtree(tmp_path / "search")
+    caplog.set_level("WARNING", logger="optuna")
+    trainer = Dozer()
+    with pytest.raises(CerberusError) as caught:
+        trials(tmp_path, trainer, n=2)
+    check_declared_dead(caught, trainer, tmp_path)
+    assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]  # no Optuna traceback
+
+
+def check_declared_dead(caught, trainer, tmp_path) -> None:
+    assert str(caught.value) == (
+        "trial 0 was marked failed while it trained: no heartbeat reached the study for over 5 minutes "
+        "(this process was stopped or lost the study storage), so its design went back to the study "
+        "and its result is not recorded; run the search again to go on"
+    )
+    assert caught.value.exit_code == 1 and len(trainer.configs) == 1
+    board = json.loads((tmp_path / "search" / "leaderboard.json").read_text())  # written all the same
+    assert [(t["state"], t["note"]) for t in board["leaderboard"]] == [
+        ("failed", "no result: its process died or crashed")
+    ]
 
 
 def test_a_damaged_study_file_is_one_error_line(tmp_path) -> None:

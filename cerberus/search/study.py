@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import sqlite3
 import time
 import uuid
 import warnings
@@ -133,8 +134,9 @@ def _storage_name(url: str) -> str:
     return f"study file {database}" if database not in (None, "", ":memory:") else f"--storage {url}"
 
 
-def _sqlite_file_missing(url: str) -> bool:
-    """Whether ``url`` names an SQLite file that does not exist (opening it would create it)."""
+def _sqlite_without_studies(url: str) -> bool:
+    """Whether ``url`` names an SQLite file that does not exist or holds no Optuna tables (opening
+    it would create the file, or write Optuna's tables into it)."""
     if not url.startswith("sqlite"):
         return False
     from sqlalchemy.engine import make_url
@@ -146,7 +148,15 @@ def _sqlite_file_missing(url: str) -> bool:
     database = parsed.database
     if not database or database == ":memory:" or parsed.query.get("uri"):
         return False
-    return not Path(database).exists()
+    path = Path(database)
+    if not path.exists():
+        return True
+    try:  # read-only: looking changes nothing
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'")
+            return tables.fetchone() is None
+    except sqlite3.Error:  # damaged, or not a database: opening the storage says so
+        return False
 
 
 def _open_storage(url: str):
@@ -267,7 +277,7 @@ def open_study(
     import optuna
 
     _check_lasting(storage)
-    if not create and _sqlite_file_missing(storage):  # reading only: create no file (nor its lock)
+    if not create and _sqlite_without_studies(storage):  # reading only: create no file, no tables
         raise ConfigError(f"no study named {study_name!r} in {storage}")
     sampler = optuna.samplers.TPESampler(seed=seed)
     fingerprint = _space_fingerprint(space)
@@ -334,23 +344,55 @@ FOLDER_MARK = "study.json"  # in a search folder: the study whose results it hol
 def folder_study(out_dir: Path) -> dict[str, Any] | None:
     """The study a search folder holds the results of (``study``, ``uid``, ``storage``), or None
     for a folder that names none (new, or from before folders named their study)."""
-    path = Path(out_dir) / FOLDER_MARK
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file, not a folder for the search")
+    path = folder / FOLDER_MARK
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read which study this search folder holds ({err})") from None
+        data = err
     if not isinstance(data, dict) or not isinstance(data.get("study"), str):
-        raise ConfigError(f"{path}: not a search folder's study record; remove it or choose another --out")
+        raise CerberusError(
+            f"{path}: damaged, or not a search folder's record of its study; remove it (the folder's "
+            "study is then read from leaderboard.json and trials/) or choose another --out"
+        )
     return data
 
 
+def trial_prefix(study_name: str) -> str:
+    """The part of a trial folder's name (``<prefix>-0007``) that names its study."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", study_name)
+
+
+def _results_study(out_dir: Path) -> tuple[str, str] | None:
+    """For a folder without :data:`FOLDER_MARK`: the study its results belong to, as ``(name,
+    where it says so)``, from leaderboard.json or the trial folders' names; None if neither says."""
+    folder = Path(out_dir)
+    try:
+        name = json.loads((folder / "leaderboard.json").read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if isinstance(name, str):
+        return name, "leaderboard.json"
+    found = (re.fullmatch(r"(.+)-\d{4,}", p.name) for p in (folder / "trials").glob("*"))
+    prefixes = sorted({m.group(1) for m in found if m})
+    return (prefixes[0], f"trials/{prefixes[0]}-NNNN") if prefixes else None
+
+
 def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict[str, Any] | None:
-    """Refuse a search folder that names another study: another name, or (``uid``: the study's,
+    """Refuse a search folder that holds another study's results: another name (from
+    :data:`FOLDER_MARK`, or from the results of a folder without one), or (``uid``: the study's,
     once open) a study created anew under the same name. Returns the folder's record, if any."""
     owner = folder_study(out_dir)
     if owner is None:
+        found = _results_study(out_dir)
+        if found is not None and trial_prefix(found[0]) != trial_prefix(study_name):
+            raise ConfigError(
+                f"--out {out_dir}: holds the results of study {found[0]!r} ({found[1]}); choose another --out"
+            )
         return None
     if owner["study"] != study_name or (None not in (uid, owner.get("uid")) and owner.get("uid") != uid):
         anew = " (another study created under that name)" if owner["study"] == study_name else ""
@@ -361,12 +403,34 @@ def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict
     return owner
 
 
+def missing_study(out_dir: Path, owner: dict[str, Any] | None, study_name: str, storage: str) -> ConfigError:
+    """The refusal when a folder that holds results needs its study and ``storage`` lacks it."""
+    recorded = (owner or {}).get("storage")
+    if recorded is not None and recorded != storage:  # a worker that forgot its --storage, say
+        return ConfigError(
+            f"--out {out_dir}: holds the results of study {study_name!r} in {recorded}; pass "
+            f"--storage {recorded} to continue it, or choose another --out"
+        )
+    if owner is not None:
+        return ConfigError(
+            f"--out {out_dir}: holds the results of study {study_name!r}, which {storage} no longer "
+            "holds (deleted?); choose another --out, or remove the folder to start again there"
+        )
+    held = [name for name in ("leaderboard.json", "trials/") if (Path(out_dir) / name.rstrip("/")).exists()]
+    return ConfigError(
+        f"--out {out_dir}: holds a search's results ({', '.join(held)}) whose study {storage} does not "
+        "hold; choose another --out, or remove them to start again there"
+    )
+
+
 def claim_folder(out_dir: Path, study, storage: str) -> None:
     """Check that ``out_dir`` holds this open study's results, or none (:func:`check_folder`),
-    and name the study there (a study from before studies recorded a ``uid`` is not named)."""
+    and name the study there, with where it is now (a study from before studies recorded a
+    ``uid`` is not named)."""
     uid = study.user_attrs.get("uid")
-    if check_folder(out_dir, study.study_name, uid) is None and uid is not None:
-        record = {"study": study.study_name, "uid": uid, "storage": storage}
+    owner = check_folder(out_dir, study.study_name, uid)
+    record = {"study": study.study_name, "uid": uid, "storage": storage}
+    if uid is not None and owner != record:
         atomic_write(Path(out_dir) / FOLDER_MARK, to_json(record, indent=2) + "\n")
 
 

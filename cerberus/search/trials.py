@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import re
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,9 +67,11 @@ from cerberus.search.study import (
     fail_stale_trials,
     holds_results,
     leaderboard,
+    missing_study,
     open_study,
     rejection_settings,
     storage_errors,
+    trial_prefix,
     trial_recipe,
     trial_record,
 )
@@ -232,13 +233,13 @@ class _DuplicateDesign(Exception):
     (which samplers ignore), hidden from the leaderboard, and not counted."""
 
 
-class _QuietDuplicates(logging.Filter):
-    """Drops Optuna's warnings (a traceback each) about the trials of duplicate draws: they are
-    bookkeeping, not failures."""
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's warnings (a traceback each) about the trials of duplicate draws, which are
+    bookkeeping, and of trials another process marked failed, which the search reports itself."""
 
     def __init__(self, numbers: set[int]):
         super().__init__()
-        self.numbers = numbers  # trial numbers of duplicate draws
+        self.numbers = numbers  # _Objective.quiet
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -247,7 +248,7 @@ class _QuietDuplicates(logging.Filter):
 
 def trial_folder(study_name: str, number: int) -> str:
     """``<study>-0007``, in the search folder's ``trials/``."""
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', study_name)}-{number:04d}"
+    return f"{trial_prefix(study_name)}-{number:04d}"
 
 
 class _Objective:
@@ -260,11 +261,15 @@ class _Objective:
         self.out_dir, self.data_dir, self.train_fn, self.emit = out_dir, data_dir, train_fn, emit
         self.stop = stop  # the search's StopFlag: a signal that came between trials
         self.epochs = base["train"]["epochs"]
-        self.duplicates: set[int] = set()  # trial numbers of duplicate draws
+        # trial numbers whose failure Optuna need not log: duplicate draws (bookkeeping), and trials
+        # another process marked failed while they ran (the search stops with its own message)
+        self.quiet: set[int] = set()
+        self.number = -1  # the trial being run
 
     def __call__(self, trial) -> float:
         import optuna
 
+        self.number = trial.number
         label, arch = _suggest_design(trial, self.families, self.space.max_params)
         tried = _tried_designs(trial.study, self.machine)
         holder = tried.get(arch)
@@ -284,7 +289,7 @@ class _Objective:
                 params = {"family": label, **{f"blocks_{i}": b for i, b in enumerate(blocks)}}
                 trial.study.enqueue_trial(params)
             trial.set_user_attr("duplicate", holder)
-            self.duplicates.add(trial.number)
+            self.quiet.add(trial.number)
             raise _DuplicateDesign(f"{arch.label()} is the design of trial {holder}")
         params, macs = count_params(arch), count_macs(arch)
         info = dict(design=arch.to_dict(), label=arch.label(), params=params, macs=macs)
@@ -348,6 +353,9 @@ class _Objective:
         except CerberusError as err:  # every trial would meet it (data, config): the search stops
             trial.set_user_attr("fatal", str(err))
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # marked failed meanwhile: run_trials says so
+            self.quiet.add(trial.number)
+            raise
         return float(result.best_val_accuracy)
 
     def on_run_event(self, trial, progress: dict[str, Any], event: dict[str, Any]) -> None:
@@ -383,6 +391,20 @@ class _Objective:
             reason = f"after epoch {epoch} (val accuracy {accuracy:.4f})"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)  # propagates out of the runner, which cleans up
+
+
+def _failed_by_another(study, number: int) -> bool:
+    """Whether trial ``number`` of this process is FAIL without a note of ours: another process
+    marked it failed (its heartbeat had lapsed) while this one ran it."""
+    import optuna
+
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    notes = ("error", "interrupted", "fatal", "duplicate")
+    return (
+        trial is not None
+        and trial.state == optuna.trial.TrialState.FAIL
+        and not any(key in trial.user_attrs for key in notes)
+    )
 
 
 def _held_every_design(study, tried, max_params: int, machine: str | None = None) -> str:
@@ -524,11 +546,7 @@ def run_trials(
         except ConfigError as err:
             if not used or not str(err).startswith("no study named"):
                 raise
-            whose = f"study {study_name!r} in {owner.get('storage')}" if owner else "another search"
-            raise ConfigError(
-                f"--out {out_dir}: holds the results of {whose}, which {storage} does not hold; "
-                "choose another --out (or remove that folder to start again)"
-            ) from None
+            raise missing_study(out_dir, owner, study_name, storage) from None
     except CerberusError:
         if made:
             with contextlib.suppress(OSError):
@@ -577,7 +595,7 @@ def run_trials(
     objective = _Objective(space, families, trial_data, out_dir, data_dir, train_fn, emit, stop, machine)
     trained, untrained_draws, stopped, interrupted = 0, 0, "", False
     fatal: CerberusError | None = None
-    quiet = _QuietDuplicates(objective.duplicates)
+    quiet = _QuietFailures(objective.quiet)
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     with storage_errors(storage), signals:  # also while the results are written
         try:
@@ -595,12 +613,24 @@ def run_trials(
                         "(see the leaderboard's notes)"
                     )
                     break
-                study.optimize(
-                    objective,
-                    n_trials=1,
-                    catch=(DivergenceError, _DuplicateDesign),  # that trial fails; the search goes on
-                    callbacks=[after_trial],
-                )
+                try:
+                    study.optimize(
+                        objective,
+                        n_trials=1,
+                        catch=(DivergenceError, _DuplicateDesign),  # that trial fails; the search goes on
+                        callbacks=[after_trial],
+                    )
+                except (ValueError, AssertionError):
+                    # Optuna cannot record the result of a trial that another process marked failed
+                    # while it ran (its heartbeat lapsed): "Cannot tell a FAIL trial", or an assertion
+                    if not _failed_by_another(study, objective.number):
+                        raise
+                    raise CerberusError(
+                        f"trial {objective.number} was marked failed while it trained: no heartbeat "
+                        f"reached the study for over {GRACE_SECONDS // 60} minutes (this process was "
+                        "stopped or lost the study storage), so its design went back to the study and "
+                        "its result is not recorded; run the search again to go on"
+                    ) from None
                 if outcomes[-1] in ("complete", "pruned", "failed"):  # trained (failed: diverged)
                     trained, untrained_draws = trained + 1, 0
                 elif outcomes[-1] == "rejected":  # a duplicate is not counted: an untried one follows
