@@ -1169,9 +1169,28 @@ def test_a_folder_without_study_json_still_refuses_another_study(tmp_path) -> No
         trials(tmp_path, trainer, n=0, study_name="s", storage=shared)
     # ...and so do its trial folders' names, without the leaderboard
     (folder / "leaderboard.json").unlink()
-    with pytest.raises(ConfigError, match=r"holds the results of study 'default' \(trials/default-NNNN\)"):
+    with pytest.raises(ConfigError, match=r"holds the trials of another study \(trials/default-NNNN\)"):
         trials(tmp_path, trainer, n=1, study_name="s", storage=shared)
     assert not (folder / "leaderboard.json").exists() and len(trainer.configs) == 1
+
+
+def test_a_leaderboard_names_its_study_exactly(tmp_path) -> None:
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    trials(tmp_path, FakeTrainer(), n=1, study_name="a b", storage=shared)
+    (tmp_path / "search" / "study.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds the results of study 'a b' \(leaderboard.json\)"):
+        trials(tmp_path, FakeTrainer(), n=1, study_name="a_b", storage=shared)  # its trials: a_b-0000
+
+
+def test_workers_in_other_folders_name_a_relative_storage_alike(tmp_path, monkeypatch) -> None:
+    (tmp_path / "w1").mkdir()
+    monkeypatch.chdir(tmp_path / "w1")
+    first, _ = trials(tmp_path / "w1", FakeTrainer(), n=1, storage="sqlite:///../shared.db")
+    assert first.storage == f"sqlite:///{tmp_path / 'w1' / '..' / 'shared.db'}"
+    (tmp_path / "w2").mkdir()
+    monkeypatch.chdir(tmp_path / "w2")
+    second, _ = trials(tmp_path / "w2", FakeTrainer(), n=1, storage="sqlite:///../shared.db")
+    assert len(second.leaderboard) == 2 and 0 in {r.number for r in second.leaderboard}  # one study
 
 
 def test_a_worker_folder_opened_without_its_storage_says_which(tmp_path) -> None:
@@ -1215,9 +1234,14 @@ def test_a_damaged_study_json_or_a_file_as_out_is_one_error_line(tmp_path) -> No
     result = invoke("--trials", "0", "--out", str(tmp_path / "search"))
     assert result.exit_code == 1, result.output
     assert result.stderr == (
-        f"Error: {tmp_path / 'search' / 'study.json'}: damaged, or not a search folder's record of its "
-        "study; remove it (the folder's study is then read from leaderboard.json and trials/) or choose "
-        "another --out\n"
+        f"Error: {tmp_path / 'search' / 'study.json'}: damaged; remove it (the folder's study is then "
+        "read from leaderboard.json and trials/) or choose another --out\n"
+    )
+    (tmp_path / "search" / "study.json").write_text("[1, 2]")  # JSON, but not this tool's record
+    result = invoke("--trials", "0", "--out", str(tmp_path / "search"))
+    assert result.exit_code == 2
+    assert result.stderr.endswith(
+        "study.json: not a search folder's record of its study; choose another --out\n"
     )
     (tmp_path / "file").write_text("")
     result = invoke("--trials", "0", "--top", "0", "--out", str(tmp_path / "file"))
@@ -1320,6 +1344,27 @@ def test_a_trial_declared_dead_while_it_trained_stops_the_search_with_the_result
         trials(tmp_path, trainer, n=2)
     check_declared_dead(caught, trainer, tmp_path)
     assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]  # no Optuna traceback
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug in the trainer"), AssertionError("bad shape")])
+def test_a_trials_own_value_or_assertion_error_is_not_blamed_on_another_process(tmp_path, error) -> None:
+    with pytest.raises(type(error), match=str(error)):
+        trials(tmp_path, FakeTrainer(interrupt_on=0, error=error), n=1)
+
+
+def test_a_signal_after_the_trial_was_marked_failed_still_stops_as_a_signal(tmp_path) -> None:
+    class Stopped(FakeTrainer):
+        def __call__(self, config, **kwargs):
+            self.configs.append(config)
+            study = optuna.load_study(
+                study_name="default", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}"
+            )
+            running = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+            study._storage.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+            raise Interrupted("stopped by SIGINT", 130)
+
+    result, _ = trials(tmp_path, Stopped(), n=2)
+    assert result.interrupted and result.stopped == "interrupted by SIGINT"
 
 
 def check_declared_dead(caught, trainer, tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -151,6 +152,11 @@ def json_lines(event: dict[str, Any]) -> None:
         typer.echo(to_json(event))
 
 
+# How long the other processes of a torchrun machine wait for its first to report an error that
+# all of them meet (a bad config) before they report it too.
+REPORT_WAIT_SECONDS = 3.0
+
+
 def _silence_stdout() -> None:
     """Point stdout at the null device: what is still buffered goes there, at exit too."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -229,11 +235,12 @@ def train_command(
             if config is None:
                 raise ConfigError("give a CONFIG file (see configs/), or --resume LAST_PT")
             cfg = load_config(config, overrides or [])
-    except CerberusError as err:
-        # Under torchrun every process reads the same command line and files: the first process
-        # of each machine says what is wrong, the others exit with its code.
+    except CerberusError:
+        # Under torchrun every process reads the same command line and files. The first process
+        # of each machine says what is wrong at once; the others wait, and torchrun stops them
+        # when that one exits. A process that is not stopped says it itself: never no message.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
-            raise typer.Exit(err.exit_code) from None
+            time.sleep(REPORT_WAIT_SECONDS)
         raise
 
     import_torch()

@@ -46,7 +46,21 @@ PrunerName = Literal["hyperband", "halving", "none"]
 
 
 def default_storage(out_dir: Path) -> str:
-    return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
+    """``sqlite:///<out>/study.db``, the path absolute and escaped (a folder named ``a?b`` too)."""
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(Path(out_dir).resolve() / "study.db")).render_as_string()
+
+
+def normal_storage(url: str) -> str:
+    """``url`` with an SQLite file's path made absolute, so that workers started in different
+    folders name one database alike (other URLs as given)."""
+    database = _sqlite_database(url)
+    if database in (None, "", ":memory:") or database.startswith("file:"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=str(Path(database).absolute())).render_as_string(hide_password=False)
 
 
 def _make_pruner(name: PrunerName, epochs: int):
@@ -135,8 +149,8 @@ def _storage_name(url: str) -> str:
 
 
 def _sqlite_without_studies(url: str) -> bool:
-    """Whether ``url`` names an SQLite file that does not exist or holds no Optuna tables (opening
-    it would create the file, or write Optuna's tables into it)."""
+    """Whether ``url`` names an SQLite file that does not exist or holds no Optuna storage (no
+    ``version_info`` table): opening it would create the file, or write Optuna's tables into it."""
     if not url.startswith("sqlite"):
         return False
     from sqlalchemy.engine import make_url
@@ -153,7 +167,9 @@ def _sqlite_without_studies(url: str) -> bool:
         return True
     try:  # read-only: looking changes nothing
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-            tables = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'")
+            tables = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'version_info'"
+            )
             return tables.fetchone() is None
     except sqlite3.Error:  # damaged, or not a database: opening the storage says so
         return False
@@ -352,13 +368,17 @@ def folder_study(out_dir: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
-        data = err
-    if not isinstance(data, dict) or not isinstance(data.get("study"), str):
+    except OSError as err:
         raise CerberusError(
-            f"{path}: damaged, or not a search folder's record of its study; remove it (the folder's "
-            "study is then read from leaderboard.json and trials/) or choose another --out"
-        )
+            f"{path}: cannot read which study this folder holds ({err.strerror or err})"
+        ) from None
+    except ValueError:
+        raise CerberusError(
+            f"{path}: damaged; remove it (the folder's study is then read from leaderboard.json and "
+            "trials/) or choose another --out"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("study"), str):
+        raise ConfigError(f"{path}: not a search folder's record of its study; choose another --out")
     return data
 
 
@@ -367,19 +387,35 @@ def trial_prefix(study_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", study_name)
 
 
-def _results_study(out_dir: Path) -> tuple[str, str] | None:
-    """For a folder without :data:`FOLDER_MARK`: the study its results belong to, as ``(name,
-    where it says so)``, from leaderboard.json or the trial folders' names; None if neither says."""
-    folder = Path(out_dir)
+def _leaderboard_study(out_dir: Path) -> dict[str, Any] | None:
+    """``study`` and ``storage`` as a folder's leaderboard.json records them, if it does."""
     try:
-        name = json.loads((folder / "leaderboard.json").read_text()).get("study")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    if isinstance(name, str):
-        return name, "leaderboard.json"
-    found = (re.fullmatch(r"(.+)-\d{4,}", p.name) for p in (folder / "trials").glob("*"))
-    prefixes = sorted({m.group(1) for m in found if m})
-    return (prefixes[0], f"trials/{prefixes[0]}-NNNN") if prefixes else None
+        data = json.loads((Path(out_dir) / "leaderboard.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("study"), str):
+        return {"study": data["study"], "storage": data.get("storage")}
+    return None
+
+
+def _check_results(out_dir: Path, study_name: str) -> None:
+    """For a folder without :data:`FOLDER_MARK`: refuse it if its results are another study's,
+    as its leaderboard.json names it, or else its trial folders' names (``<study>-0007``)."""
+    recorded = _leaderboard_study(out_dir)
+    if recorded is not None:
+        if recorded["study"] != study_name:
+            raise ConfigError(
+                f"--out {out_dir}: holds the results of study {recorded['study']!r} (leaderboard.json); "
+                "choose another --out"
+            )
+        return
+    found = (re.fullmatch(r"(.+)-\d{4,}", p.name) for p in (Path(out_dir) / "trials").glob("*"))
+    others = sorted({m.group(1) for m in found if m} - {trial_prefix(study_name)})
+    if others:
+        raise ConfigError(
+            f"--out {out_dir}: holds the trials of another study (trials/{others[0]}-NNNN); "
+            "choose another --out"
+        )
 
 
 def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict[str, Any] | None:
@@ -388,11 +424,7 @@ def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict
     once open) a study created anew under the same name. Returns the folder's record, if any."""
     owner = folder_study(out_dir)
     if owner is None:
-        found = _results_study(out_dir)
-        if found is not None and trial_prefix(found[0]) != trial_prefix(study_name):
-            raise ConfigError(
-                f"--out {out_dir}: holds the results of study {found[0]!r} ({found[1]}); choose another --out"
-            )
+        _check_results(out_dir, study_name)
         return None
     if owner["study"] != study_name or (None not in (uid, owner.get("uid")) and owner.get("uid") != uid):
         anew = " (another study created under that name)" if owner["study"] == study_name else ""
@@ -405,8 +437,8 @@ def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict
 
 def missing_study(out_dir: Path, owner: dict[str, Any] | None, study_name: str, storage: str) -> ConfigError:
     """The refusal when a folder that holds results needs its study and ``storage`` lacks it."""
-    recorded = (owner or {}).get("storage")
-    if recorded is not None and recorded != storage:  # a worker that forgot its --storage, say
+    recorded = (owner or _leaderboard_study(out_dir) or {}).get("storage")
+    if recorded is not None and normal_storage(recorded) != storage:  # a worker that forgot --storage
         return ConfigError(
             f"--out {out_dir}: holds the results of study {study_name!r} in {recorded}; pass "
             f"--storage {recorded} to continue it, or choose another --out"
@@ -418,8 +450,8 @@ def missing_study(out_dir: Path, owner: dict[str, Any] | None, study_name: str, 
         )
     held = [name for name in ("leaderboard.json", "trials/") if (Path(out_dir) / name.rstrip("/")).exists()]
     return ConfigError(
-        f"--out {out_dir}: holds a search's results ({', '.join(held)}) whose study {storage} does not "
-        "hold; choose another --out, or remove them to start again there"
+        f"--out {out_dir}: holds the results ({', '.join(held)}) of study {study_name!r}, which {storage} "
+        "does not hold (deleted?); choose another --out, or remove them to start again there"
     )
 
 

@@ -68,6 +68,7 @@ from cerberus.search.study import (
     holds_results,
     leaderboard,
     missing_study,
+    normal_storage,
     open_study,
     rejection_settings,
     storage_errors,
@@ -264,12 +265,29 @@ class _Objective:
         # trial numbers whose failure Optuna need not log: duplicate draws (bookkeeping), and trials
         # another process marked failed while they ran (the search stops with its own message)
         self.quiet: set[int] = set()
-        self.number = -1  # the trial being run
+        self.number, self.raised = -1, None  # the trial being run, and what its objective raised
 
     def __call__(self, trial) -> float:
+        self.number, self.raised = trial.number, None
+        try:
+            return self._run(trial)
+        except BaseException as err:  # what run_trials tells from Optuna's own errors
+            self.raised = err
+            raise
+
+    def _note(self, trial, key: str, value: str) -> None:
+        """Record why the trial ends, unless another process marked it failed meanwhile (its
+        heartbeat lapsed): then nothing can be recorded, and Optuna need not log the trial."""
         import optuna
 
-        self.number = trial.number
+        try:
+            trial.set_user_attr(key, value)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.quiet.add(trial.number)
+
+    def _run(self, trial) -> float:
+        import optuna
+
         label, arch = _suggest_design(trial, self.families, self.space.max_params)
         tried = _tried_designs(trial.study, self.machine)
         holder = tried.get(arch)
@@ -341,17 +359,17 @@ class _Objective:
             if result.best_val_accuracy is None:
                 raise ConfigError("trial config: the run reported no validation accuracy")
         except DivergenceError as err:  # this design's fault: the study keeps it
-            trial.set_user_attr("error", str(err))
+            self._note(trial, "error", str(err))
             raise
         except Interrupted as err:
             name = "SIGTERM" if err.exit_code == 143 else "SIGINT"
-            trial.set_user_attr("interrupted", progress["interrupted"] or f"interrupted by {name}")
+            self._note(trial, "interrupted", progress["interrupted"] or f"interrupted by {name}")
             raise
         except KeyboardInterrupt:  # a second signal, or a trainer without signal handling
-            trial.set_user_attr("interrupted", progress["interrupted"] or "interrupted")
+            self._note(trial, "interrupted", progress["interrupted"] or "interrupted")
             raise
         except CerberusError as err:  # every trial would meet it (data, config): the search stops
-            trial.set_user_attr("fatal", str(err))
+            self._note(trial, "fatal", str(err))
             raise
         except optuna.exceptions.UpdateFinishedTrialError:  # marked failed meanwhile: run_trials says so
             self.quiet.add(trial.number)
@@ -391,6 +409,15 @@ class _Objective:
             reason = f"after epoch {epoch} (val accuracy {accuracy:.4f})"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)  # propagates out of the runner, which cleans up
+
+
+def _cannot_tell(err: BaseException) -> bool:
+    """Whether ``err`` is Optuna refusing to record the end of a finished trial (or the assertion
+    its trial runner raises while handling that refusal)."""
+    for e in (err, err.__context__):
+        if isinstance(e, ValueError) and str(e).startswith("Cannot tell a "):
+            return True
+    return False
 
 
 def _failed_by_another(study, number: int) -> bool:
@@ -523,7 +550,7 @@ def run_trials(
     made = trials > 0 and not out_dir.exists()
     if trials:
         make_out_dir()
-    storage = storage or default_storage(out_dir)
+    storage = normal_storage(storage) if storage else default_storage(out_dir)
     try:
         if trials and top:  # where the configs go at the end: refused now rather than after training
             check_configs_dir(configs_dir if configs_dir is not None else out_dir / "configs")
@@ -613,6 +640,7 @@ def run_trials(
                         "(see the leaderboard's notes)"
                     )
                     break
+                objective.number, objective.raised = -1, None
                 try:
                     study.optimize(
                         objective,
@@ -620,9 +648,17 @@ def run_trials(
                         catch=(DivergenceError, _DuplicateDesign),  # that trial fails; the search goes on
                         callbacks=[after_trial],
                     )
-                except (ValueError, AssertionError):
-                    # Optuna cannot record the result of a trial that another process marked failed
+                except (ValueError, AssertionError) as err:
+                    # Optuna cannot record the end of a trial that another process marked failed
                     # while it ran (its heartbeat lapsed): "Cannot tell a FAIL trial", or an assertion
+                    # raised while it handles that. The trial's own error, if any, comes first.
+                    from optuna.exceptions import UpdateFinishedTrialError
+
+                    cause = objective.raised
+                    if cause is err or not _cannot_tell(err):
+                        raise
+                    if cause is not None and not isinstance(cause, UpdateFinishedTrialError):
+                        raise cause from None
                     if not _failed_by_another(study, objective.number):
                         raise
                     raise CerberusError(
