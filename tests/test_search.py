@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from cerberus.arch import Architecture, count_macs, count_params
 from cerberus.cli import app
 from cerberus.config import load_config
-from cerberus.errors import BudgetError, CerberusError, ConfigError, DataError, Interrupted
+from cerberus.errors import BudgetError, CerberusError, ConfigError, DataError, DivergenceError, Interrupted
 from cerberus.search import (
     SearchSpace,
     count_designs,
@@ -1186,11 +1186,15 @@ def test_workers_in_other_folders_name_a_relative_storage_alike(tmp_path, monkey
     (tmp_path / "w1").mkdir()
     monkeypatch.chdir(tmp_path / "w1")
     first, _ = trials(tmp_path / "w1", FakeTrainer(), n=1, storage="sqlite:///../shared.db")
-    assert first.storage == f"sqlite:///{tmp_path / 'w1' / '..' / 'shared.db'}"
+    assert first.storage == f"sqlite:///{tmp_path / 'shared.db'}"
     (tmp_path / "w2").mkdir()
     monkeypatch.chdir(tmp_path / "w2")
     second, _ = trials(tmp_path / "w2", FakeTrainer(), n=1, storage="sqlite:///../shared.db")
     assert len(second.leaderboard) == 2 and 0 in {r.number for r in second.leaderboard}  # one study
+    assert second.storage == first.storage  # named alike, in the folders' study.json too
+    # a worker folder opened from elsewhere without --storage names the storage to pass, as given
+    with pytest.raises(ConfigError, match=rf"pass --storage sqlite:///{tmp_path / 'shared.db'} to continue"):
+        trials(tmp_path / "w1", FakeTrainer(), n=1)
 
 
 def test_a_worker_folder_opened_without_its_storage_says_which(tmp_path) -> None:
@@ -1352,8 +1356,10 @@ def test_a_trials_own_value_or_assertion_error_is_not_blamed_on_another_process(
         trials(tmp_path, FakeTrainer(interrupt_on=0, error=error), n=1)
 
 
-def test_a_signal_after_the_trial_was_marked_failed_still_stops_as_a_signal(tmp_path) -> None:
-    class Stopped(FakeTrainer):
+def marked_failed_then(error: BaseException, tmp_path: Path) -> FakeTrainer:
+    """A trainer whose trial another process marks failed (its heartbeat lapsed), then ``error``."""
+
+    class Trainer(FakeTrainer):
         def __call__(self, config, **kwargs):
             self.configs.append(config)
             study = optuna.load_study(
@@ -1361,10 +1367,24 @@ def test_a_signal_after_the_trial_was_marked_failed_still_stops_as_a_signal(tmp_
             )
             running = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
             study._storage.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
-            raise Interrupted("stopped by SIGINT", 130)
+            raise error
 
-    result, _ = trials(tmp_path, Stopped(), n=2)
+    return Trainer()
+
+
+def test_a_signal_after_the_trial_was_marked_failed_still_stops_as_a_signal(tmp_path) -> None:
+    result, _ = trials(tmp_path, marked_failed_then(Interrupted("stopped by SIGINT", 130), tmp_path), n=2)
     assert result.interrupted and result.stopped == "interrupted by SIGINT"
+
+
+@pytest.mark.parametrize(
+    "error", [optuna.TrialPruned("after epoch 1"), DivergenceError("the loss became non-finite")]
+)
+def test_a_pruned_or_diverged_trial_marked_failed_meanwhile_is_reported_as_such(tmp_path, error) -> None:
+    trainer = marked_failed_then(error, tmp_path)
+    with pytest.raises(CerberusError) as caught:
+        trials(tmp_path, trainer, n=2)
+    check_declared_dead(caught, trainer, tmp_path)
 
 
 def check_declared_dead(caught, trainer, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -240,7 +241,8 @@ def train_command(
         # of each machine says what is wrong at once; the others wait, and torchrun stops them
         # when that one exits. A process that is not stopped says it itself: never no message.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
-            time.sleep(REPORT_WAIT_SECONDS)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: say it now
+                time.sleep(REPORT_WAIT_SECONDS)
         raise
 
     import_torch()

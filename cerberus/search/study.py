@@ -60,7 +60,8 @@ def normal_storage(url: str) -> str:
         return url
     from sqlalchemy.engine import make_url
 
-    return make_url(url).set(database=str(Path(database).absolute())).render_as_string(hide_password=False)
+    absolute = os.path.normpath(Path(database).absolute())  # "w1/../shared.db" is "shared.db"
+    return make_url(url).set(database=absolute).render_as_string(hide_password=False)
 
 
 def _make_pruner(name: PrunerName, epochs: int):
@@ -394,7 +395,8 @@ def _leaderboard_study(out_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if isinstance(data, dict) and isinstance(data.get("study"), str):
-        return {"study": data["study"], "storage": data.get("storage")}
+        storage = data.get("storage")
+        return {"study": data["study"], "storage": storage if isinstance(storage, str) else None}
     return None
 
 
@@ -438,7 +440,7 @@ def check_folder(out_dir: Path, study_name: str, uid: str | None = None) -> dict
 def missing_study(out_dir: Path, owner: dict[str, Any] | None, study_name: str, storage: str) -> ConfigError:
     """The refusal when a folder that holds results needs its study and ``storage`` lacks it."""
     recorded = (owner or _leaderboard_study(out_dir) or {}).get("storage")
-    if recorded is not None and normal_storage(recorded) != storage:  # a worker that forgot --storage
+    if isinstance(recorded, str) and normal_storage(recorded) != storage:  # a worker that forgot --storage
         return ConfigError(
             f"--out {out_dir}: holds the results of study {study_name!r} in {recorded}; pass "
             f"--storage {recorded} to continue it, or choose another --out"

@@ -641,6 +641,7 @@ def run_trials(
                     )
                     break
                 objective.number, objective.raised = -1, None
+                stopped_by: BaseException | None = None  # a signal that came as the trial ended
                 try:
                     study.optimize(
                         objective,
@@ -651,22 +652,24 @@ def run_trials(
                 except (ValueError, AssertionError) as err:
                     # Optuna cannot record the end of a trial that another process marked failed
                     # while it ran (its heartbeat lapsed): "Cannot tell a FAIL trial", or an assertion
-                    # raised while it handles that. The trial's own error, if any, comes first.
-                    from optuna.exceptions import UpdateFinishedTrialError
-
+                    # raised while it handles that. A signal the trial stopped on still stops the
+                    # search as a signal; anything else of the trial's own comes out as itself.
                     cause = objective.raised
                     if cause is err or not _cannot_tell(err):
                         raise
-                    if cause is not None and not isinstance(cause, UpdateFinishedTrialError):
-                        raise cause from None
-                    if not _failed_by_another(study, objective.number):
+                    if isinstance(cause, (KeyboardInterrupt, Interrupted)):
+                        stopped_by = cause
+                    elif not _failed_by_another(study, objective.number):
                         raise
-                    raise CerberusError(
-                        f"trial {objective.number} was marked failed while it trained: no heartbeat "
-                        f"reached the study for over {GRACE_SECONDS // 60} minutes (this process was "
-                        "stopped or lost the study storage), so its design went back to the study and "
-                        "its result is not recorded; run the search again to go on"
-                    ) from None
+                    else:
+                        raise CerberusError(
+                            f"trial {objective.number} was marked failed while it trained: no heartbeat "
+                            f"reached the study for over {GRACE_SECONDS // 60} minutes (this process was "
+                            "stopped or lost the study storage), so its design went back to the study and "
+                            "its result is not recorded; run the search again to go on"
+                        ) from None
+                if stopped_by is not None:
+                    raise stopped_by  # outside the handler: its own chain stays as it was
                 if outcomes[-1] in ("complete", "pruned", "failed"):  # trained (failed: diverged)
                     trained, untrained_draws = trained + 1, 0
                 elif outcomes[-1] == "rejected":  # a duplicate is not counted: an untried one follows
