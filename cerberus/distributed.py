@@ -84,6 +84,11 @@ class DistContext:
         return self.rank == 0
 
     @property
+    def launcher(self) -> str:
+        """How to start this command again, for the hints that say how to resume."""
+        return "torchrun <same options> -m cerberus" if self.active else "cerberus"
+
+    @property
     def active(self) -> bool:
         """True with several processes (only then do the methods below communicate)."""
         return self.world_size > 1

@@ -655,11 +655,10 @@ class Run:
         name, code = signal_name(signum), signal_exit_code(signum)
         where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
         resume = self.out_dir / "last.pt"
-        launcher = "torchrun <same options> -m cerberus" if self.dist.active else "cerberus"
         self.emit({"event": "interrupted", "signal": name, "epoch": epoch, "step": step})
         raise Interrupted(
             f"stopped by {name} at {where}; last.pt is written. "
-            f"Resume with: {launcher} train --resume {resume}",
+            f"Resume with: {self.dist.launcher} train --resume {resume}",
             code,
         )
 
@@ -720,19 +719,16 @@ class Run:
         return summary
 
 
-def _lost_process_message(err: RuntimeError, out_dir: Path | str | None, rank: int) -> str:
+def _lost_process_message(err: RuntimeError, out_dir: Path | str | None, dist: DistContext) -> str:
     """What a process says when another one of the run is gone: what it saw, and what is kept."""
     seen = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
     message = (
-        f"another process of this run stopped, so process {rank} cannot go on "
+        f"another process of this run stopped, so process {dist.rank} cannot go on "
         f"({seen or type(err).__name__}); torchrun's report names the process that failed"
     )
     last = Path(out_dir) / "last.pt" if out_dir is not None else None
     if last is not None and last.is_file():
-        return (
-            f"{message}; {last} is kept. Resume with: torchrun <same options> -m cerberus train "
-            f"--resume {last}"
-        )
+        return f"{message}; {last} is kept. Resume with: {dist.launcher} train --resume {last}"
     return f"{message}; no checkpoint had been written yet"
 
 
@@ -744,8 +740,7 @@ RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl")  # a fresh r
 
 def _check_out_dir(out_dir: Path, resuming: bool, launcher: str = "cerberus") -> None:
     """A new run never writes over another's results (a best.pt kept after deleting last.pt).
-    ``launcher`` starts the command that would continue it (``torchrun <same options> -m
-    cerberus`` under torchrun)."""
+    ``launcher`` starts the command that would continue it (:attr:`DistContext.launcher`)."""
     if resuming:
         return
     if (out_dir / "last.pt").exists():
@@ -913,9 +908,8 @@ def train_run(
                         "train.channels_last = false",
                         field="train.channels_last",
                     ) from None
-                launcher = "torchrun <same options> -m cerberus" if dist.active else "cerberus"
                 if dist.is_main and not new_dir:
-                    _check_out_dir(out_dir, resuming=ckpt is not None, launcher=launcher)
+                    _check_out_dir(out_dir, resuming=ckpt is not None, launcher=dist.launcher)
                 with at_once("while the data loaded, before anything was written"):
                     run.load_data()  # data problems are refused before anything is written
                 if dist.is_main:
@@ -923,7 +917,7 @@ def train_run(
                     busy = "wait for it to finish" + (" or choose another --out" if ckpt is None else "")
                     lock.enter_context(run_lock(out_dir, hint=busy))
                     # Again under the lock: a run may have finished there while the data loaded.
-                    _check_out_dir(out_dir, resuming=ckpt is not None, launcher=launcher)
+                    _check_out_dir(out_dir, resuming=ckpt is not None, launcher=dist.launcher)
                     remove_stale_temporaries(out_dir)
                     atomic_write(out_dir / "config.toml", config.to_toml())
             if new_dir and dist.active:  # the folder rank 0 made
@@ -949,7 +943,7 @@ def train_run(
     except RuntimeError as err:
         if not (dist.active and lost_a_process(err)):
             raise
-        raise LostProcessError(_lost_process_message(err, out_dir, dist.rank)) from None
+        raise LostProcessError(_lost_process_message(err, out_dir, dist)) from None
     finally:
         dist.close()
     return RunResult(

@@ -56,7 +56,7 @@ def normal_storage(url: str) -> str:
     """``url`` with an SQLite file's path made absolute, so that workers started in different
     folders name one database alike (other URLs as given)."""
     database = _sqlite_database(url)
-    if database in (None, "", ":memory:") or database.startswith("file:"):
+    if database in (None, "", ":memory:"):
         return url
     from sqlalchemy.engine import make_url
 
@@ -106,15 +106,17 @@ def _creation_lock(url: str) -> Iterator[None]:
 
 
 def _sqlite_database(url: str) -> str | None:
-    """The database of an SQLite URL (a path, ``:memory:`` or ``""``); None for other URLs."""
+    """The database of an SQLite URL (a path, ``:memory:`` or ``""``); None for other URLs, and
+    for SQLite's URI form (``?uri=true``), which names no plain path."""
     if not url.startswith("sqlite"):
         return None
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).database or ""
+        parsed = make_url(url)
     except Exception:  # a bad URL: opening the storage says so
         return None
+    return None if parsed.query.get("uri") else parsed.database or ""
 
 
 def _check_lasting(url: str) -> None:
@@ -152,16 +154,8 @@ def _storage_name(url: str) -> str:
 def _sqlite_without_studies(url: str) -> bool:
     """Whether ``url`` names an SQLite file that does not exist or holds no Optuna storage (no
     ``version_info`` table): opening it would create the file, or write Optuna's tables into it."""
-    if not url.startswith("sqlite"):
-        return False
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # a bad URL: opening the storage says so
-        return False
-    database = parsed.database
-    if not database or database == ":memory:" or parsed.query.get("uri"):
+    database = _sqlite_database(url)
+    if database in (None, "", ":memory:"):
         return False
     path = Path(database)
     if not path.exists():

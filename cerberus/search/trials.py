@@ -437,10 +437,10 @@ def _failed_by_another(study, number: int) -> bool:
 def _held_every_design(study, tried, max_params: int, machine: str | None = None) -> str:
     """Why a search stops when the study holds every design within the budget: how many, and how
     many of them were rejected before training (and the settings that rejected them)."""
-    within = {arch for arch in tried if count_params(arch) <= max_params}
-    message = f"the study holds every design within the budget ({len(within):,})"
     import optuna
 
+    within = {arch for arch in tried if count_params(arch) <= max_params}
+    message = f"the study holds every design within the budget ({len(within):,})"
     notes: dict[Architecture, list[str | None]] = {}  # each design's holders' rejection notes
     running: dict[Architecture, bool] = {}  # whether every holder of a design is still running
     for t, arch in _holding_trials(study, machine):
