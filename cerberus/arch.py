@@ -32,6 +32,7 @@ ReLU, the residual additions and pooling are left out, as is usual.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cerberus.errors import BudgetError, ConfigError
 
@@ -218,6 +219,37 @@ def check_architecture(arch: Architecture) -> Architecture:
     return arch
 
 
+_RECORD_INTS = ("conv_kernel", "skip_kernel", "pool_size", "stem_channels", "num_classes", "stem_kernel")
+_RECORD_OPTIONAL = ("channels", "pool_size", "stem_channels")
+
+
+def architecture_from_record(record: dict[str, Any]) -> Architecture:
+    """The design a checkpoint records (the fields of an :class:`Architecture`), checked.
+
+    A damaged or crafted record raises :class:`ConfigError` naming the field, where a string or a
+    float would otherwise pass the dataclass and fail deep inside the model. Unknown keys are
+    ignored; missing ones take their defaults.
+    """
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    fields = {k: record[k] for k in Architecture.__dataclass_fields__ if k in record}
+    for name, value in fields.items():
+        if value is None and name in _RECORD_OPTIONAL:
+            continue
+        if name in ("blocks", "channels"):
+            sound = isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
+            wanted = "a list of whole numbers"
+        elif name == "downsample":
+            sound, wanted = isinstance(value, str), "a string"
+        else:
+            sound, wanted = is_int(value), "a whole number"
+        if not sound:
+            raise ConfigError(f"model.{name}: must be {wanted}, got {value!r}", field=name)
+    return check_architecture(Architecture(**fields))
+
+
 # --------------------------------------------------------------------------------------------
 # Counting. Each function mirrors one module of cerberus.model; keep them in step.
 
@@ -269,7 +301,8 @@ def head_params(arch: Architecture) -> int:
 
 
 def count_params(arch: Architecture) -> int:
-    """Exact number of trainable parameters (BatchNorm running statistics are buffers)."""
+    """Exact number of parameters, a stem fixed by ``train.whiten_stem`` included (it counts
+    against the budget); BatchNorm running statistics are buffers, not counted."""
     return stem_params(arch) + sum(stage_params(arch)) + head_params(arch)
 
 

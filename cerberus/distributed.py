@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cerberus.device import resolve_device
-from cerberus.errors import CerberusError, ConfigError
+from cerberus.errors import CerberusError, ConfigError, RankFailedError
 
 T = TypeVar("T")
 
@@ -33,19 +33,6 @@ T = TypeVar("T")
 def is_main_process() -> bool:
     """True unless torchrun started this process with a rank other than 0."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-class RankFailedError(CerberusError):
-    """Another rank failed; raised on the ranks that did not, with that rank's message and code."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class LostProcessError(CerberusError):
-    """A collective call failed because another process of the run is gone (killed, crashed):
-    raised on every process that finds out, rank 0 or not (rank 0 may be the one gone)."""
 
 
 # What gloo and nccl say when the process at the other end is gone (not a mistake of this one).

@@ -33,7 +33,7 @@ from cerberus.prune import DataPruner
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD, AdamW or Muon; BatchNorm weights and biases skip weight decay unless configured.
+    """SGD, AdamW or Muon; BatchNorm weights and biases skip weight decay if ``decay_bn_and_bias`` is off.
 
     With ``muon`` the trainable filter banks (4-D weights) take Muon steps at ``muon_lr`` with
     ``muon_momentum``, everything else SGD steps at ``lr`` (see :class:`cerberus.optim.MuonSGD`).

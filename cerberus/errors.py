@@ -59,6 +59,19 @@ class Interrupted(CerberusError):
         self.exit_code = exit_code
 
 
+class RankFailedError(CerberusError):
+    """Another rank failed; raised on the ranks that did not, with that rank's message and code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class LostProcessError(CerberusError):
+    """A collective call failed because another process of the run is gone (killed, crashed):
+    raised on every process that finds out, rank 0 or not (rank 0 may be the one gone)."""
+
+
 def signal_name(signum: int | None) -> str:
     """``"SIGTERM"`` for SIGTERM, else ``"SIGINT"`` (Ctrl-C): the two signals that stop work."""
     return "SIGTERM" if signum == signal.SIGTERM else "SIGINT"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cerberus.arch import Architecture, count_params
+from cerberus.arch import architecture_from_record, count_params
 from cerberus.checkpoint import (
     FORMAT,
     check_format,
@@ -312,10 +312,9 @@ def load_model(
         arch_data = obj.get("architecture") or (obj.get("config") or {}).get("model")
         if not isinstance(arch_data, dict):
             raise CheckpointError(f"{path} records no architecture")
-        fields = {k: arch_data[k] for k in Architecture.__dataclass_fields__ if k in arch_data}
         try:
-            arch = Architecture(**fields)
-        except (TypeError, ValueError) as err:
+            arch = architecture_from_record(arch_data)
+        except ConfigError as err:
             raise CheckpointError(f"{path}: the recorded architecture is invalid ({err})") from None
         info.update(
             source="cerberus",

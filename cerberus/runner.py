@@ -48,9 +48,9 @@ from cerberus.checkpoint import (
 )
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
-from cerberus.data import load_cifar10, make_splits, resolve_data_root
+from cerberus.data import load_cifar10, make_splits, resolve_data_root, steps_per_epoch
 from cerberus.device import Placement, resolve_placement, tune_backends
-from cerberus.distributed import DistContext, LostProcessError, lost_a_process
+from cerberus.distributed import DistContext, lost_a_process
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
 from cerberus.errors import (
     CerberusError,
@@ -58,6 +58,7 @@ from cerberus.errors import (
     ConfigError,
     DivergenceError,
     Interrupted,
+    LostProcessError,
     signal_exit_code,
     signal_name,
 )
@@ -271,7 +272,7 @@ class Run:
         if cfg.train.compile:
             wrapped = torch.compile(wrapped)
 
-        steps = -(-len(self.splits.train_labels) // cfg.train.batch_size)
+        steps = steps_per_epoch(len(self.splits.train_labels), cfg.train.batch_size)
         self.optimizer = build_optimizer(model, cfg.train)
         self.schedule = LRSchedule(cfg.train, steps)
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -309,7 +310,7 @@ class Run:
     def check_shards(self) -> None:
         """Every rank needs an image of every global batch (the last one may be short)."""
         n, batch, ranks = len(self.splits.train_labels), self.config.train.batch_size, self.dist.world_size
-        smallest = min(batch, n - (-(-n // batch) - 1) * batch)
+        smallest = min(batch, n - (steps_per_epoch(n, batch) - 1) * batch)
         # BatchNorm needs two values per channel: on a 1x1 final map, two images per shard
         # (also where a smaller training window of augment.crop_sizes leaves 1x1).
         arch = self.config.model.architecture()

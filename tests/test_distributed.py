@@ -354,7 +354,7 @@ def test_only_a_peer_gone_counts_as_a_lost_process():
 
 def test_every_process_that_finds_another_gone_says_so(config_file, monkeypatch):
     # rank 0 may be the process that is gone: rank 1 says what it saw, not only rank 0
-    from cerberus.distributed import LostProcessError
+    from cerberus.errors import LostProcessError
 
     def lost(*args, **kwargs):
         raise LostProcessError("another process of this run stopped, so process 1 cannot go on (x)")

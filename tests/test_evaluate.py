@@ -320,6 +320,32 @@ def test_load_model_prefers_ema_weights(tmp_path):
         load_model(path, overrides={"pool_size": 4})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "wanted"),
+    [
+        ("conv_kernel", "3", "a whole number"),
+        ("pool_size", 32.0, "a whole number"),
+        ("num_classes", True, "a whole number"),
+        ("blocks", [1, "1"], "a list of whole numbers"),
+        ("channels", 16, "a list of whole numbers"),
+        ("downsample", 1, "a string"),
+    ],
+)
+def test_a_recorded_architecture_of_the_wrong_type_is_refused(tmp_path, field, value, wanted):
+    path = cerberus_checkpoint(tmp_path / "best.pt", architecture={**TINY.to_dict(), field: value})
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert str(err.value) == (
+        f"{path}: the recorded architecture is invalid (model.{field}: must be {wanted}, got {value!r})"
+    )
+
+
+def test_an_unsound_recorded_architecture_is_refused(tmp_path):
+    path = cerberus_checkpoint(tmp_path / "best.pt", architecture={**TINY.to_dict(), "blocks": [1, 0]})
+    with pytest.raises(CheckpointError, match=r"invalid \(model\.blocks: every stage needs at least 1 block"):
+        load_model(path)
+
+
 def test_a_checkpoint_copied_without_its_sidecar_loads_with_a_note(tmp_path):
     import shutil
 

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from cerberus.cli._app import FLAGS, MultiValueCommand, app, console, emit_json, fail, handle_errors
+from cerberus.cli._app import (
+    FLAGS,
+    MultiValueCommand,
+    app,
+    console,
+    emit_json,
+    fail,
+    handle_errors,
+    naming_flags,
+)
 
 
 @app.command("count-params", cls=MultiValueCommand)
@@ -66,7 +75,7 @@ def count_params_command(
       cerberus count-params --blocks 1 1 1 --channels 32 128 128 --downsample pool --stem-kernel 2
       cerberus count-params configs/resnet24.toml --summary
     """
-    from cerberus.arch import DEFAULT_BUDGET, Architecture, architecture_problems, summarize
+    from cerberus.arch import DEFAULT_BUDGET, Architecture, check_architecture, summarize
 
     design = {
         "blocks": tuple(blocks) if blocks else None,
@@ -95,11 +104,9 @@ def count_params_command(
         model = load_config(config, enforce_budget=False).model
         arch, budget = model.architecture(), model.max_params
     else:
-        arch = Architecture(**{"blocks": (3, 5, 3), **given})
-        problems = architecture_problems(arch)
-        if problems:
-            name, message = problems[0]
-            raise fail(f"{FLAGS[name]}: {message}", 2)
+        chosen = {"blocks": (3, 5, 3), **given}
+        with naming_flags(chosen):  # a problem names its flag, --blocks too when left at its default
+            arch = check_architecture(Architecture(**chosen))
         budget = DEFAULT_BUDGET
     if max_params is not None:
         if max_params <= 0:

@@ -269,8 +269,7 @@ def train_command(
     except BaseException as err:
         if display is not None:
             display.stop()
-        from cerberus.distributed import LostProcessError
-        from cerberus.errors import Interrupted
+        from cerberus.errors import Interrupted, LostProcessError
 
         if isinstance(err, Interrupted):
             if main_process:

@@ -178,14 +178,6 @@ class SearchSpace(BaseModel):
             return pairs
         return [g for g in pairs if num_stages <= stages_limit(*g)]
 
-    def usable_modes(self) -> list[str]:
-        """The ways of downsampling that some stem, stage count and pool size of the space allow."""
-        return list(dict.fromkeys(m for m, s in self.geometries() if self.stage_counts((m, s))))
-
-    def stem_kernels(self, downsample: str) -> list[int]:
-        """The stem sides usable with ``downsample`` (some stage count and pool size fit)."""
-        return [s for m, s in self.geometries() if m == downsample and self.stage_counts((m, s))]
-
     def block_ranges(self, num_stages: int) -> list[tuple[int, int]]:
         """Inclusive ``(min, max)`` blocks of each stage of an ``num_stages``-stage design."""
         if isinstance(self.blocks[0], list):

@@ -83,11 +83,7 @@ def _creation_lock(url: str) -> Iterator[None]:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         fcntl = None
-    database = None
-    if url.startswith("sqlite") and fcntl is not None:
-        from sqlalchemy.engine import make_url
-
-        database = make_url(url).database
+    database = _sqlite_database(url) if fcntl is not None else None
     if not database or database == ":memory:":
         yield
         return
