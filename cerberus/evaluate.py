@@ -583,16 +583,25 @@ def evaluate_checkpoint(
 
 
 def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path) -> Path:
-    """Draw the confusion matrix (rows true, columns predicted) to a PNG; return its path.
-
-    ``path`` may be a folder, which then receives ``confusion.png``. Colours show each row's
-    fraction, so rare and common classes read alike; cells print the counts.
-    """
-    from cerberus.report import new_figure, save_figure
+    """Write :func:`confusion_png` to ``path`` (a folder receives ``confusion.png``); return the
+    file's path."""
+    from cerberus.files import atomic_write
 
     path = Path(path)
     if path.is_dir():
         path = path / "confusion.png"
+    atomic_write(path, confusion_png(matrix, classes))
+    return path
+
+
+def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
+    """The confusion matrix (rows true, columns predicted) drawn as a PNG.
+
+    Colours show each row's fraction, so rare and common classes read alike; cells print the
+    counts.
+    """
+    from cerberus.report import figure_png, new_figure
+
     counts = torch.tensor(matrix, dtype=torch.float64)
     rows = counts.sum(1, keepdim=True).clamp(min=1)
     fractions = (counts / rows).numpy()
@@ -609,23 +618,32 @@ def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
             colour = "white" if fractions[t, p] > 0.5 else "black"
             ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=colour)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return figure_png(fig)
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 
 
+REPORT_FILES = ("confusion.png", "eval.json")  # what write_report puts in its folder
+
+
 def check_report_dir(out_dir: Path) -> None:
     """Refuse a report folder that cannot be written, before any work is done."""
-    import os
+
+    from cerberus.files import creation_problem
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; give a folder for the report")
+    for name in REPORT_FILES:
+        if (out_dir / name).is_dir():
+            raise ConfigError(f"{out_dir / name} is a folder; the report writes a file there")
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CerberusError(f"cannot write into {out_dir}: {existing} is not a writable folder")
+    problem = creation_problem(existing) if existing.is_dir() else None
+    if problem is not None or not existing.is_dir():
+        why = f" ({problem})" if problem else ""
+        raise CerberusError(f"cannot write into {out_dir}: {existing} is not a writable folder{why}")
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -635,16 +653,17 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     a failure is one :class:`CerberusError` naming the folder or file.
     """
 
-    from cerberus.files import atomic_write, to_json
+    from cerberus.files import atomic_write_all, to_json
 
     out_dir = Path(out_dir)
+    classes = [row["class"] for row in result["per_class"]]
+    png = confusion_png(result["confusion_matrix"], classes)
+    plot, report = out_dir / "confusion.png", out_dir / "eval.json"
+    files = [plot, report]
+    text = to_json({**result, "files": [str(f) for f in files]}, indent=2) + "\n"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CerberusError(f"could not write into {out_dir}: {err.strerror or err}") from None
-    classes = [row["class"] for row in result["per_class"]]
-    plot = confusion_plot(result["confusion_matrix"], classes, out_dir / "confusion.png")
-    report = out_dir / "eval.json"
-    files = [plot, report]
-    atomic_write(report, to_json({**result, "files": [str(f) for f in files]}, indent=2) + "\n")
+    atomic_write_all({plot: png, report: text})  # both or neither
     return files

@@ -7,7 +7,8 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,30 +72,97 @@ def write_temporary(folder: Path, name: str, data: bytes) -> Path:
     return temp_path
 
 
+def write_target(path: Path) -> tuple[Path, bool]:
+    """Where writing ``path`` lands, and whether it is replaced there by a rename.
+
+    A symbolic link's target is replaced and the link kept. A device, FIFO or socket
+    (``/dev/null``, ``/dev/stdout``) is written in place: a rename would put a file where it was.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # follows links
+    except OSError:  # not there yet (or a link to a file yet to be written)
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return path, False
+    return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
+
+
 def replace_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` all at once: readers see the old file or the new, never a mix.
 
-    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``.
-    Raises :class:`OSError`; the previous file, if any, is left as it was.
+    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``
+    (over the file a link points to; a device or FIFO is written in place, see
+    :func:`write_target`). Raises :class:`OSError`; the previous file, if any, is left as it was.
     """
-    path = Path(path)
-    temp = write_temporary(path.parent, path.name, data)
+    replace_all_atomically({Path(path): data})
+
+
+def replace_all_atomically(files: Mapping[Path, bytes]) -> None:
+    """:func:`replace_atomically` for several files, all or none: every temporary file is written
+    before the first rename, so a folder that cannot take one leaves every file as it was.
+
+    Raises :class:`OSError` whose ``filename`` is the path given for the file at fault.
+    """
+    targets = []
+    for given, data in files.items():
+        target, replaceable = write_target(Path(given))
+        if replaceable and target.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(given))
+        targets.append((given, target, replaceable, data))
+    temps: list[tuple[Path, Path]] = []
     try:
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        for given, target, replaceable, data in targets:
+            if replaceable:
+                try:
+                    temps.append((write_temporary(target.parent, target.name, data), target))
+                except OSError as err:
+                    raise OSError(err.errno, err.strerror, str(given)) from None
+        for given, target, replaceable, data in targets:
+            if not replaceable:
+                try:
+                    with open(target, "wb") as stream:
+                        stream.write(data)
+                except OSError as err:
+                    raise OSError(err.errno, err.strerror, str(given)) from None
+        while temps:
+            temp, target = temps[0]
+            os.replace(temp, target)
+            temps.pop(0)
+            fsync_dir(target.parent)
+    finally:
+        for temp, _ in temps:
+            temp.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     """:func:`replace_atomically`, with a failure reported as one :class:`CerberusError`."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
+    atomic_write_all({Path(path): data})
+
+
+def atomic_write_all(files: Mapping[Path, bytes | str]) -> None:
+    """:func:`replace_all_atomically` (text as UTF-8), a failure reported as one
+    :class:`CerberusError` naming the file."""
+    encoded = {Path(p): d.encode("utf-8") if isinstance(d, str) else d for p, d in files.items()}
     try:
-        replace_atomically(Path(path), data)
+        replace_all_atomically(encoded)
     except OSError as err:
-        raise CerberusError(f"could not write {path}: {err.strerror or err}") from None
+        name = err.filename if err.filename is not None else ", ".join(map(str, encoded))
+        raise CerberusError(f"could not write {name}: {err.strerror or err}") from None
+
+
+def creation_problem(folder: Path) -> str | None:
+    """Why no file can be created in the existing ``folder``, or None when one can.
+
+    Found by creating and removing an empty temporary file: permission bits do not tell (root
+    passes ``os.access`` on a read-only mount or in ``/sys``).
+    """
+    try:
+        temp = write_temporary(Path(folder), "write-check", b"")
+    except OSError as err:
+        return err.strerror or str(err)
+    temp.unlink(missing_ok=True)
+    return None
 
 
 @contextlib.contextmanager

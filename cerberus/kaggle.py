@@ -29,7 +29,7 @@ from cerberus import safe_pickle
 from cerberus.checkpoint import sidecar_path
 from cerberus.data import CLASSES
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
-from cerberus.files import atomic_write
+from cerberus.files import atomic_write, atomic_write_all, creation_problem
 
 LAYOUTS = ("chw", "hwc")
 IMAGE_VALUES = 3 * 32 * 32
@@ -194,8 +194,9 @@ def _check_output(path: Path) -> None:
         raise CerberusError(f"cannot write {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise CerberusError(f"cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CerberusError(f"cannot write {path}: the folder {folder} is not writable")
+    problem = creation_problem(folder)
+    if problem is not None:
+        raise CerberusError(f"cannot write {path}: the folder {folder} is not writable ({problem})")
 
 
 def _check_distinct(files: dict[str, Path | None]) -> None:
@@ -213,30 +214,41 @@ def _check_distinct(files: dict[str, Path | None]) -> None:
                 )
 
 
-def _write_csv(path: Path, header: Sequence[str], rows) -> None:
+def _csv_text(header: Sequence[str], rows) -> str:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    atomic_write(Path(path), text.getvalue())
+    return text.getvalue()
 
 
-def write_submission(path: Path, ids: Sequence, labels: Sequence[int] | torch.Tensor) -> None:
-    """Write ``ID,Labels`` rows, one per image, label = class index (atomic)."""
+def submission_csv(ids: Sequence, labels: Sequence[int] | torch.Tensor) -> str:
+    """``ID,Labels`` rows, one per image, label = class index."""
     labels = torch.as_tensor(labels).tolist()
     if len(ids) != len(labels):
         raise DataError(f"{len(ids)} ids but {len(labels)} labels")
-    _write_csv(path, ("ID", "Labels"), zip(ids, labels))
+    return _csv_text(("ID", "Labels"), zip(ids, labels))
 
 
-def write_probabilities(path: Path, ids: Sequence, probs: torch.Tensor, classes: Sequence[str]) -> None:
-    """Write ``ID,<class>...`` rows of class probabilities (6 decimals), one per image (atomic)."""
+def probabilities_csv(ids: Sequence, probs: torch.Tensor, classes: Sequence[str]) -> str:
+    """``ID,<class>...`` rows of class probabilities (6 decimals), one per image."""
     probs = torch.as_tensor(probs, dtype=torch.float64)
     if probs.dim() != 2 or probs.shape != (len(ids), len(classes)):
         expected = f"({len(ids)}, {len(classes)})"
         raise DataError(f"probabilities have shape {list(probs.shape)}; expected {expected}")
-    rows = ([i, *(f"{p:.6f}" for p in row)] for i, row in zip(ids, probs.tolist()))
-    _write_csv(path, ("ID", *classes), rows)
+    return _csv_text(
+        ("ID", *classes), ([i, *(f"{p:.6f}" for p in row)] for i, row in zip(ids, probs.tolist()))
+    )
+
+
+def write_submission(path: Path, ids: Sequence, labels: Sequence[int] | torch.Tensor) -> None:
+    """Write :func:`submission_csv` to ``path`` (atomic)."""
+    atomic_write(Path(path), submission_csv(ids, labels))
+
+
+def write_probabilities(path: Path, ids: Sequence, probs: torch.Tensor, classes: Sequence[str]) -> None:
+    """Write :func:`probabilities_csv` to ``path`` (atomic)."""
+    atomic_write(Path(path), probabilities_csv(ids, probs, classes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,10 +315,11 @@ def predict_unlabeled(
     logits = run.logits(images, tta=tta, progress=progress)
     seconds = time.perf_counter() - start
     labels = logits.argmax(1)
-    write_submission(output, ids, labels)
     classes = list(CLASSES)
+    files = {Path(output): submission_csv(ids, labels)}
     if probs_path is not None:
-        write_probabilities(probs_path, ids, logits.softmax(1), classes)
+        files[Path(probs_path)] = probabilities_csv(ids, logits.softmax(1), classes)
+    atomic_write_all(files)  # both or neither: a failed --probs keeps the previous submission
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     return {
         "images": len(ids),

@@ -163,18 +163,24 @@ def new_figure(size: tuple[float, float]):
     return fig
 
 
-def save_figure(fig, path) -> Path:
-    """Write a figure as PNG, atomically; a failure is one :class:`CerberusError`."""
+def figure_png(fig) -> bytes:
+    """A figure as PNG bytes."""
     import io
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def save_figure(fig, path) -> Path:
+    """Write a figure as PNG, atomically; a failure is one :class:`CerberusError`."""
     from cerberus.files import atomic_write
 
-    buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=100)
+        png = figure_png(fig)
     except OSError as err:
         raise CerberusError(f"could not write {path}: {err.strerror or err}") from None
-    atomic_write(Path(path), buffer.getvalue())
+    atomic_write(Path(path), png)
     return Path(path)
 
 

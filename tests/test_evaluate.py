@@ -608,6 +608,40 @@ def test_eval_refuses_an_unwritable_report_folder_before_evaluating(weights, fak
     assert result.stderr == expected
 
 
+def test_eval_refuses_a_report_folder_holding_a_folder_where_a_file_goes(weights, fake_cifar, tmp_path):
+    for name in ("eval.json", "confusion.png"):
+        out = tmp_path / name.split(".")[0]
+        (out / name).mkdir(parents=True)
+        args = ["eval", str(weights), "--data-dir", str(fake_cifar), "--out", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert result.stderr == f"Error: {out / name} is a folder; the report writes a file there\n"
+        assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written beside it
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_eval_refuses_a_report_folder_that_takes_no_files_before_evaluating(weights, fake_cifar):
+    # /proc takes no new files, for root too: permission bits would not tell (root passes them)
+    result = runner.invoke(app, ["eval", str(weights), "--data-dir", str(fake_cifar), "--out", "/proc/r"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot write into /proc/r: /proc is not a writable folder (")
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path):
+    from cerberus.evaluate import write_report
+
+    result = {"per_class": [{"class": "cat"}, {"class": "dog"}], "confusion_matrix": [[3, 1], [0, 2]]}
+    (tmp_path / "eval.json").mkdir()  # the second file cannot be written: the first stays away
+    with pytest.raises(CerberusError, match=r"could not write .*eval\.json: Is a directory"):
+        write_report(result, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    (tmp_path / "eval.json").rmdir()
+    files = write_report(result, tmp_path)
+    assert [p.name for p in files] == ["confusion.png", "eval.json"]
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "eval.json").read_text())["files"] == [str(p) for p in files]
+
+
 def test_eval_refuses_a_pickled_module_and_trust_pickle_loads_it(tmp_path, fake_cifar):
     path = tmp_path / "seed.pt"
     torch.save({"net": tiny_model()}, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +298,48 @@ def test_a_missing_output_folder_is_refused_before_inference(tmp_path, weights):
                           progress=lambda done, total: seen.append(done))  # fmt: skip
     assert seen == []  # no image was predicted
     assert not (tmp_path / "sub.csv").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_files_is_refused_before_inference_and_keeps_the_last_submission(
+    tmp_path, weights
+):
+    # /proc takes no new files, for root too: permission bits would not tell (root passes them)
+    source = layout_2024(tmp_path / "t.pkl")
+    (tmp_path / "sub.csv").write_text("ID,Labels\n0,3\n")
+    seen = []
+    message = r"cannot write /proc/p\.csv: the folder /proc is not writable \("
+    with pytest.raises(CerberusError, match=message):
+        predict_unlabeled(weights, source, tmp_path / "sub.csv", probs_path=Path("/proc/p.csv"),
+                          progress=lambda done, total: seen.append(done))  # fmt: skip
+    assert seen == []
+    assert (tmp_path / "sub.csv").read_text() == "ID,Labels\n0,3\n"
+
+
+def test_an_output_through_a_link_writes_the_linked_file_and_keeps_the_link(tmp_path, weights):
+    source = layout_2024(tmp_path / "t.pkl")
+    (tmp_path / "target.csv").write_text("old\n")
+    (tmp_path / "link.csv").symlink_to("target.csv")
+    predict_unlabeled(weights, source, tmp_path / "link.csv")
+    assert (tmp_path / "link.csv").is_symlink()
+    assert len(read_csv(tmp_path / "target.csv")) == N + 1
+
+
+def test_an_output_that_is_a_fifo_is_written_into_not_replaced(tmp_path, weights):
+    import os
+    import threading
+
+    source = layout_2024(tmp_path / "t.pkl")
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    received = []
+    # a daemon: were the FIFO replaced, its reader would wait for a writer for ever
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    predict_unlabeled(weights, source, fifo)
+    assert fifo.is_fifo()
+    reader.join(timeout=30)
+    assert received[0].splitlines()[0] == "ID,Labels" and len(received[0].splitlines()) == N + 1
 
 
 def test_weights_whose_outputs_overflow_write_no_submission(tmp_path):
