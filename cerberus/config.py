@@ -59,6 +59,7 @@ def _model_replaced(info: ValidationInfo) -> bool:
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the seed project's normalisation constants
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR10_TRAIN_IMAGES = 50_000  # size of the official training set
+CIFAR10_TEST_IMAGES = 10_000  # and of the test set
 
 
 def _no_nul(value: Any) -> Any:
@@ -183,6 +184,13 @@ class DataConfig(Section):
                 f"val_size ({self.val_size}) must be smaller than the {CIFAR10_TRAIN_IMAGES:,} "
                 "training images: nothing would be left to train on"
             )
+        for name, count, split in (
+            ("train_subset", CIFAR10_TRAIN_IMAGES, "training"),
+            ("test_subset", CIFAR10_TEST_IMAGES, "test"),
+        ):
+            asked = getattr(self, name)
+            if asked > count:
+                raise ValueError(f"{name} ({asked}) is larger than the {count:,} {split} images")
         return self
 
 
@@ -508,8 +516,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``KEY=VALUE`` overrides to nested config data (a copy is returned)."""
+    """Apply ``KEY=VALUE`` overrides to nested config data (a copy is returned).
+
+    An inline table sets the keys it lists and keeps the section's others:
+    ``train={epochs=1, lr=0.1}`` is ``train.epochs=1 train.lr=0.1``.
+    """
     import copy
+
+    def merge(node: dict[str, Any], key: str, value: Any) -> None:
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            for inner, item in value.items():
+                merge(node[key], inner, item)
+        else:
+            node[key] = value
 
     data = copy.deepcopy(data)
     for text in overrides:
@@ -520,7 +539,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {text!r}: {part!r} is not a section")
             node = child
-        node[path[-1]] = value
+        merge(node, path[-1], value)
     return data
 
 

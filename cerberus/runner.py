@@ -48,7 +48,7 @@ from cerberus.checkpoint import (
 )
 from cerberus.checkpoint import save_checkpoint as _save_checkpoint
 from cerberus.config import ExperimentConfig, config_from_dict
-from cerberus.data import load_cifar10, make_splits, resolve_data_root, steps_per_epoch
+from cerberus.data import CLASSES, load_cifar10, make_splits, resolve_data_root, steps_per_epoch
 from cerberus.device import Placement, resolve_placement, tune_backends
 from cerberus.distributed import DistContext, lost_a_process
 from cerberus.engine import EMA, EpochState, LRSchedule, Trainer, build_optimizer, whiten_stem_
@@ -226,13 +226,13 @@ class Run:
     def load_data(self) -> None:
         """Read the images (no collective calls: under torchrun this may fail on one rank only)."""
         cfg = self.config
-        data = load_cifar10(Path(cfg.data.root), download=cfg.data.download, url=cfg.data.url)
-        self.classes = data.classes
-        if cfg.model.num_classes != len(data.classes):
+        if cfg.model.num_classes != len(CLASSES):  # before reading (or downloading) anything
             raise ConfigError(
                 f"model.num_classes: the model has {cfg.model.num_classes} outputs but CIFAR-10 has "
-                f"{len(data.classes)} classes; set model.num_classes = {len(data.classes)}"
+                f"{len(CLASSES)} classes; set model.num_classes = {len(CLASSES)}"
             )
+        data = load_cifar10(Path(cfg.data.root), download=cfg.data.download, url=cfg.data.url)
+        self.classes = data.classes
         self.splits = make_splits(data, cfg.data)
         if len(self.splits.train_labels) == 0:
             raise ConfigError("data: no training images left after data.train_subset and data.val_size")

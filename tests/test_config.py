@@ -263,6 +263,17 @@ def test_apply_overrides_nests_and_copies() -> None:
     assert data == {"model": {"blocks": [3, 5, 3]}, "name": "a"}  # the input is untouched
 
 
+def test_an_inline_table_sets_its_keys_and_keeps_the_sections_others() -> None:
+    data = {"model": {"blocks": [3, 5, 3], "channels": [8, 16, 32]}, "train": {"batch_size": 100}}
+    overrides = ["train={epochs=1, lr=0.1}", "model={blocks=[1, 1, 1]}", "data={val_size=0}"]
+    result = apply_overrides(data, overrides)
+    assert result == {
+        "model": {"blocks": [1, 1, 1], "channels": [8, 16, 32]},
+        "train": {"batch_size": 100, "epochs": 1, "lr": 0.1},
+        "data": {"val_size": 0},
+    }
+
+
 def test_override_through_a_value_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides({"model": {"blocks": [3]}}, ["model.blocks.first=2"])
@@ -312,6 +323,8 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"data": {"mean": [float("nan"), 0.5, 0.5]}}, "data.mean.0: Input should be a finite number"),
         ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),
         ({"data": {"val_size": 50_000}}, "val_size (50000) must be smaller than the 50,000 training"),
+        ({"data": {"train_subset": 50_001}}, "train_subset (50001) is larger than the 50,000 training"),
+        ({"data": {"test_subset": 10_001}}, "test_subset (10001) is larger than the 10,000 test"),
         ({"data": {"train_subset": 100, "val_size": 100}}, "must be smaller than train_subset (100)"),
         ({"train": {"epochs": 3, "warmup_epochs": 3}}, "warmup_epochs (3.0) must be less than epochs (3)"),
         ({"train": {"milestones": [20, 10]}}, "milestones must be positive and increasing, got [20, 10]"),

@@ -790,3 +790,26 @@ def test_a_last_pt_with_a_malformed_field_is_refused_cleanly(tmp_path, reference
         stderr
         == f"Error: the training state in last.pt does not fit this run ({problem}); it cannot be resumed\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["train", "cfg.toml", "--out", ""], "--out"),
+        (["train", "cfg.toml", "--out="], "--out"),
+        (["train", "--resume", ""], "--resume"),
+        (["train", "cfg.toml", "--data-dir", ""], "--data-dir"),
+        (["eval", "best.pt", "--out", ""], "--out"),
+        (["predict", "best.pt", "--input", "t.pkl", "--output", ""], "--output"),
+        (["predict", "best.pt", "--input", "t.pkl", "--probs="], "--probs"),
+        (["search", "--trials", "1", "--out", ""], "--out"),
+        (["search", "--write-configs", ""], "--write-configs"),
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, args, flag):
+    # `--out "$OUT"` with OUT unset: read as ".", a run would spill its files into the working folder
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"Error: Invalid value for '{flag}': an empty path" in result.stderr
+    assert list(tmp_path.iterdir()) == []

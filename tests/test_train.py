@@ -486,9 +486,10 @@ def test_resume_from_a_pickled_file_does_not_suggest_trusting_it(tmp_path):
 
 
 def test_a_model_whose_outputs_do_not_match_the_classes_is_refused_before_writing(tmp_path, fake_cifar):
-    cfg = tiny_config(tmp_path, "model.num_classes=5")
-    with pytest.raises(ConfigError, match=r"model.num_classes: the model has 5 outputs but CIFAR-10 has 10"):
-        train_run(cfg, out_dir=tmp_path / "run", data_dir=str(fake_cifar))
+    cfg = tiny_config(tmp_path, "model.num_classes=5", "data.download=false")
+    for data_dir in (fake_cifar, tmp_path / "nowhere"):  # refused before the data is looked for
+        with pytest.raises(ConfigError, match=r"model.num_classes: the model has 5 outputs but CIFAR-10 has"):
+            train_run(cfg, out_dir=tmp_path / "run", data_dir=str(data_dir))
     assert not (tmp_path / "run").exists()
 
 

@@ -43,7 +43,12 @@ class MultiValueCommand(TyperCommand):
         "--set": r"[A-Za-z_][^=\s]*=.*",
     }
 
+    path_options: ClassVar[frozenset[str]] = frozenset(
+        {"--data-dir", "--input", "--out", "--output", "--probs", "--resume", "--write-configs"}
+    )
+
     def parse_args(self, ctx, args: list[str]) -> list[str]:
+        self.refuse_empty_paths(ctx, args)
         expanded: list[str] = []
         current, awaiting = None, False  # the list option being read; no value seen yet
         split: list[str] = []
@@ -67,6 +72,16 @@ class MultiValueCommand(TyperCommand):
         if awaiting:
             expanded.append(current)
         return super().parse_args(ctx, expanded)
+
+    def refuse_empty_paths(self, ctx, args: list[str]) -> None:
+        """Refuse ``--out ''`` (an unset shell variable, say): a path option would read it as
+        ``.``, the current folder, and a run would spill its files there."""
+        for token, following in zip(args, [*args[1:], None]):
+            name, equals, value = token.partition("=")
+            if (equals and name in self.path_options and not value) or (
+                token in self.path_options and following == ""
+            ):
+                raise typer.BadParameter("an empty path", ctx=ctx, param_hint=f"'{name}'")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
