@@ -1,6 +1,6 @@
 """``python -m cerberus`` (also what ``torchrun -m cerberus`` runs)."""
 
-from cerberus.cli import main
+from cerberus.entry import main
 
 if __name__ == "__main__":
     main()

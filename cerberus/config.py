@@ -411,7 +411,9 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        default="cerberus", min_length=1, description="Run name (run folder prefix; no '/' or '\\')."
+        default="cerberus",
+        min_length=1,
+        description="Run name (run folder prefix; no '/', '\\', control characters or leading '.').",
     )
     seed: int = Field(
         default=0,
@@ -429,8 +431,14 @@ class ExperimentConfig(BaseModel):
     def _check_name(cls, name: str, info: ValidationInfo) -> str:
         _no_nul(name)
         # A checkpoint's stored config predates the rule: it still loads (its folder exists).
-        if ("/" in name or "\\" in name) and not _stored(info):
+        if _stored(info):
+            return name
+        if "/" in name or "\\" in name:
             raise ValueError(f"{name!r} holds a path separator; the run folder is named after it")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError(f"{name!r} holds a control character; the run folder is named after it")
+        if name.startswith("."):
+            raise ValueError(f"{name!r} starts with '.': the run folder, named after it, would be hidden")
         return name
 
     @model_validator(mode="after")
@@ -602,7 +610,7 @@ def read_toml(path: str | Path, kind: str = "config") -> dict[str, Any]:
     """Parse a TOML file; errors name the file (a ``kind`` file: "config", "search space") and the line."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # Windows editors may start with a BOM
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {kind} file") from None
     except IsADirectoryError:

@@ -357,6 +357,8 @@ def load_cifar10(
     if not folder.exists() and (root / META_FILE).is_file():  # pointed at the batches folder itself
         root, folder = root.parent, root
     if not folder.is_dir():
+        if root.exists() and not root.is_dir():
+            raise DataError(f"{root.absolute()} is a file, not a folder holding {FOLDER}/")
         if folder.exists():
             raise DataError(f"{folder.absolute()} is a file, not the CIFAR-10 folder")
         if not download:

@@ -288,6 +288,13 @@ def test_overrides_apply_on_top_of_a_file(tmp_path: Path) -> None:
     assert config.train.optimizer == "muon"  # the rest of the file stays
 
 
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    # Windows editors may save UTF-8 with a BOM, which TOML parsers refuse as a bad statement
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + FULL_TOML.encode())
+    assert load_config(path) == load_config(write(tmp_path, FULL_TOML))
+
+
 def test_overrides_on_the_defaults() -> None:
     config = load_config(None, ["model.blocks=[1, 1]", "train.device=cpu", "augment.flip=false"])
     assert config.model.blocks == [1, 1]
@@ -412,6 +419,23 @@ def test_a_run_name_with_a_path_separator_is_refused_unless_read_back_from_a_che
             config_from_dict({"name": name})
         # a checkpoint written before the rule still loads: its run folder exists already
         assert config_from_dict({"name": name}, stored=True).name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        (".", "starts with '.': the run folder, named after it, would be hidden"),
+        (".hidden", "starts with '.': the run folder, named after it, would be hidden"),
+        ("a\nb", "holds a control character; the run folder is named after it"),
+        ("tab\there", "holds a control character; the run folder is named after it"),
+    ],
+)
+def test_a_run_name_that_names_an_odd_folder_is_refused(name: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"name": name})
+    assert str(info.value).splitlines()[1:] == [f"name: {name!r} {reason}"]
+    assert config_from_dict({"name": name}, stored=True).name == name
+    assert config_from_dict({"name": "v1.2_run-A"}).name == "v1.2_run-A"  # dots inside are fine
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,15 @@ def test_pickle_that_runs_code_is_refused(fake_root: Path, tmp_path: Path) -> No
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_a_file_given_as_the_data_folder_is_named_as_such(tmp_path: Path, download: bool) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(DataError) as err:
+        data.load_cifar10(afile, download=download, url="file:///nowhere.tar.gz")
+    assert str(err.value) == f"{afile} is a file, not a folder holding cifar-10-batches-py/"
+
+
 def test_missing_batch_is_named(fake_root: Path) -> None:
     (fake_root / data.FOLDER / "data_batch_3").unlink()
     with pytest.raises(DataError) as err:

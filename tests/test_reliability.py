@@ -300,6 +300,31 @@ def test_a_ctrl_c_during_the_torch_import_arrives_once_it_is_done():
     assert done.stdout == "KeyboardInterrupt; torch imported: True ; SIGINT unblocked: True\n", done.stderr
 
 
+CLI_IMPORT_INTERRUPTED = """
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def interrupting(name, *args, **kwargs):
+    if name == "typer" and "typer" not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the command line's modules load
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupting
+sys.argv = ["cerberus", "--help"]
+from cerberus.entry import main  # what the console script and python -m cerberus run
+main()
+"""
+
+
+def test_a_ctrl_c_while_the_command_line_loads_is_an_interrupt_not_a_traceback():
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_IMPORT_INTERRUPTED],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Checkpoint integrity: every command that reads a checkpoint verifies it first
 
