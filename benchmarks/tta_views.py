@@ -2,13 +2,13 @@
 
     python benchmarks/tta_views.py --data-dir /tmp/cifar10 runs/cpu-fast/best.pt [more.pt ...]
 
-Each view of the test images (the image or its mirror, translated diagonally by -2..2 pixels with
-reflected borders) is built on the uint8 images and evaluated once, as a single view, through the
+Each view of the test images (the image or its mirror, translated by -2..2 pixels with reflected
+borders) is built on the uint8 images and evaluated once, as a single view, through the
 checkpoint's own inference settings (:func:`cerberus.evaluate.prepare_inference`); the sets below
 are weighted averages of those logits. Flips and reflected translations commute with the
 per-channel normalisation, so a view's logits are the ones ``predict_logits`` computes for it.
 The line ``cerberus (tta=True)`` is the library's own six-view evaluation, as a cross-check of the
-``airbench`` line it implements.
+``(cerberus)`` line it implements.
 """
 
 from __future__ import annotations
@@ -27,20 +27,31 @@ def shifted(images, dy: int, dx: int, pad: int = 2):
     return padded[:, :, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
-# name -> [(view, weight)], a view named (flipped, shift): content moved `shift` pixels down and right
+# name -> [(view, weight)], a view named (flipped, dy, dx): the image, mirrored first if
+# `flipped`, with its content moved `dy` pixels down and `dx` right
 VIEW_SETS = {
-    "single view": [((False, 0), 1.0)],
-    "flip": [((False, 0), 1 / 2), ((True, 0), 1 / 2)],
-    "4 views, shift 2 down-right (the old default)": [((f, s), 1 / 4) for f in (False, True) for s in (0, 2)],
-    "4 views, shift 2 up-left": [((f, s), 1 / 4) for f in (False, True) for s in (0, -2)],
-    "4 views, shift 1 down-right": [((f, s), 1 / 4) for f in (False, True) for s in (0, 1)],
-    "4 views, shift 1 up-left": [((f, s), 1 / 4) for f in (False, True) for s in (0, -1)],
-    "airbench: 6 views, shifts +-1, weights 1/4 and 1/8": [((f, 0), 1 / 4) for f in (False, True)]
-    + [((f, s), 1 / 8) for f in (False, True) for s in (-1, 1)],
-    "6 views, shifts +-1, equal weights": [((f, s), 1 / 6) for f in (False, True) for s in (0, -1, 1)],
-    "6 views, shifts +-2, equal weights": [((f, s), 1 / 6) for f in (False, True) for s in (0, -2, 2)],
+    "single view": [((False, 0, 0), 1.0)],
+    "flip": [((False, 0, 0), 1 / 2), ((True, 0, 0), 1 / 2)],
+    "4 views, shift 2 down-right (the old default)": [
+        ((f, s, s), 1 / 4) for f in (False, True) for s in (0, 2)
+    ],
+    "4 views, shift 2 up-left": [((f, s, s), 1 / 4) for f in (False, True) for s in (0, -2)],
+    "4 views, shift 1 down-right": [((f, s, s), 1 / 4) for f in (False, True) for s in (0, 1)],
+    "4 views, shift 1 up-left": [((f, s, s), 1 / 4) for f in (False, True) for s in (0, -1)],
+    "6 views: mirror, then shifts +-1, weights 1/4 and 1/8 (cerberus)": [
+        ((f, 0, 0), 1 / 4) for f in (False, True)
+    ]
+    + [((f, s, s), 1 / 8) for f in (False, True) for s in (-1, 1)],
+    # airbench shifts, then mirrors: its mirrored views move the other way across
+    "6 views: shifts +-1, then mirror, weights 1/4 and 1/8 (airbench)": [
+        ((f, 0, 0), 1 / 4) for f in (False, True)
+    ]
+    + [((False, s, s), 1 / 8) for s in (-1, 1)]
+    + [((True, s, -s), 1 / 8) for s in (-1, 1)],
+    "6 views, shifts +-1, equal weights": [((f, s, s), 1 / 6) for f in (False, True) for s in (0, -1, 1)],
+    "6 views, shifts +-2, equal weights": [((f, s, s), 1 / 6) for f in (False, True) for s in (0, -2, 2)],
     "10 views, shifts +-1 and +-2, equal weights": [
-        ((f, s), 1 / 10) for f in (False, True) for s in (0, -2, -1, 1, 2)
+        ((f, s, s), 1 / 10) for f in (False, True) for s in (0, -2, -1, 1, 2)
     ],
 }
 
@@ -61,9 +72,9 @@ def main() -> None:
         run = prepare_inference(path)
         start = time.perf_counter()
         logits = {}
-        for flipped, shift in sorted(views):
+        for flipped, dy, dx in sorted(views):
             source = images.flip(3) if flipped else images
-            logits[flipped, shift] = run.logits(shifted(source, shift, shift) if shift else source)
+            logits[flipped, dy, dx] = run.logits(shifted(source, dy, dx) if dy or dx else source)
         seconds = time.perf_counter() - start
         print(f"{path}: {len(views)} views of {len(labels):,} test images in {seconds:.1f}s")
         for name, members in VIEW_SETS.items():

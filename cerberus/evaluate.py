@@ -6,8 +6,9 @@ evaluation: the training loop computes its validation and test figures with them
 weights, same placement, same batch size, same arithmetic). Nothing here prints; progress goes
 through a callback.
 
-Test-time augmentation (``tta=True``) averages the logits of six views of every image, as
-airbench does (Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024):
+Test-time augmentation (``tta=True``) averages the logits of six views of every image, after
+airbench (Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024), which translates
+before mirroring where we mirror first (level in accuracy: benchmarks/RESULTS.md):
 
 1. the image itself and 2. its horizontal mirror, weighted 1/4 each;
 3. the image and 4. its mirror translated 1 pixel up and left, and 5. the image and 6. its mirror
