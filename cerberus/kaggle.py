@@ -8,7 +8,8 @@ The file is a pickle of a dict with ``b"data"`` (or ``"data"``) and usually ``b"
 
 The layout is detected from the shape; ``layout=`` overrides it (each image's 3072 values are
 then read in that order). The file is read through a restricted unpickler that rebuilds numpy
-arrays and plain data only, so a malicious file cannot run code.
+arrays and plain data only, so a malicious file cannot run code. A ``.npy`` file of the images
+alone is read too (``numpy.load`` without pickles).
 """
 
 from __future__ import annotations
@@ -47,9 +48,17 @@ def _key_names(payload: dict) -> str:
     return ", ".join(repr(n) for n in names[:8]) or "none"
 
 
+NPY_MAGIC = b"\x93NUMPY"  # what every .npy file starts with
+
+
 def _read_pickle(path: Path) -> Any:
+    """The pickle's contents; a ``.npy`` file (by its first bytes) gives its array."""
     try:
         with open(path, "rb") as file:
+            if file.read(len(NPY_MAGIC)) == NPY_MAGIC:
+                file.seek(0)
+                return _read_npy(file, path)
+            file.seek(0)
             return safe_pickle.load(file, encoding="bytes")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
@@ -68,6 +77,13 @@ def _read_pickle(path: Path) -> Any:
         raise DataError(f"{path} is empty or truncated") from None
     except Exception as err:  # malformed pickles raise a zoo of types
         raise DataError(f"{path} is not a pickle file, or is corrupt ({type(err).__name__}: {err})") from None
+
+
+def _read_npy(file, path: Path) -> np.ndarray:
+    try:
+        return np.load(file, allow_pickle=False)  # no object arrays: nothing to run
+    except ValueError as err:
+        raise DataError(f"{path}: a .npy file that is not an array of numbers ({err})") from None
 
 
 def _check_layout(layout: str | None) -> None:

@@ -231,6 +231,19 @@ def test_a_pickle_of_the_images_alone_is_read_with_ids_in_order(tmp_path):
         read_unlabeled(write_pickle(tmp_path / "bare.pkl", images_chw().reshape(N, 3072)[:, :100]))
 
 
+def test_a_npy_file_of_the_images_is_read_and_one_of_objects_is_refused(tmp_path):
+    for images in (images_chw().reshape(N, 3072), images_chw().transpose(0, 2, 3, 1)):
+        np.save(tmp_path / "test.npy", np.ascontiguousarray(images))
+        ids, read = read_unlabeled(tmp_path / "test.npy")
+        assert ids == list(range(N))
+        assert torch.equal(read, torch.from_numpy(images_chw()))
+    objects = np.array([Marker(tmp_path / "MARKER")], dtype=object)
+    np.save(tmp_path / "objects.npy", objects, allow_pickle=True)
+    with pytest.raises(DataError, match=r"objects\.npy: a \.npy file that is not an array of numbers"):
+        read_unlabeled(tmp_path / "objects.npy")
+    assert not (tmp_path / "MARKER").exists()
+
+
 def bad_inputs(tmp_path) -> list[tuple[object, str]]:
     good = images_chw().reshape(N, 3072)
     return [
