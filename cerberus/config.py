@@ -552,8 +552,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def override_keys(overrides: list[str]) -> dict[str, str]:
-    """Dotted key -> the ``--set`` text that sets it (the last one wins, as in apply_overrides)."""
-    return {".".join(parse_override(text)[0]): text for text in overrides}
+    """Dotted key -> the ``--set`` text that sets it (the last one wins, as in apply_overrides).
+
+    An inline table counts for the keys it lists (``train={epochs=1}`` sets ``train.epochs``,
+    not the rest of ``[train]``).
+    """
+    keys: dict[str, str] = {}
+
+    def add(key: str, value: Any, text: str) -> None:
+        if isinstance(value, dict) and value:
+            for inner, item in value.items():
+                add(f"{key}.{inner}", item, text)
+        else:
+            keys[key] = text
+
+    for text in overrides:
+        path, value = parse_override(text)
+        add(".".join(path), value, text)
+    return keys
 
 
 def _is_search_space(err: ValidationError, data: dict[str, Any]) -> bool:

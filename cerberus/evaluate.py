@@ -632,7 +632,7 @@ REPORT_FILES = ("confusion.png", "eval.json")  # what write_report puts in its f
 def check_report_dir(out_dir: Path) -> None:
     """Refuse a report folder that cannot be written, before any work is done."""
 
-    from cerberus.files import creation_problem
+    from cerberus.files import check_can_write, creation_problem
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -640,7 +640,13 @@ def check_report_dir(out_dir: Path) -> None:
     for name in REPORT_FILES:
         if (out_dir / name).is_dir():
             raise ConfigError(f"{out_dir / name} is a folder; the report writes a file there")
-    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if out_dir.is_dir():  # each file where it lands (a link's target, a device as it is)
+        for name in REPORT_FILES:
+            problem = check_can_write(out_dir / name)
+            if problem is not None:
+                raise CerberusError(f"cannot write {out_dir / name}: {problem}")
+        return
+    existing = next(p for p in out_dir.absolute().parents if p.exists())  # the folder is made there
     problem = creation_problem(existing) if existing.is_dir() else None
     if problem is not None or not existing.is_dir():
         why = f" ({problem})" if problem else ""

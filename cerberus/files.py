@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -72,35 +73,75 @@ def write_temporary(folder: Path, name: str, data: bytes) -> Path:
     return temp_path
 
 
+def _names_a_descriptor(path: Path) -> bool:
+    """Whether ``path``, or a link on the way to its file, is an open file's name in ``/proc``
+    (``/dev/stdout``, ``/dev/fd/1``, ``/proc/self/fd/1``): what it names may be a file the shell
+    redirected to, which must be written into, not replaced."""
+    current = Path(path)
+    for _ in range(40):  # a link chain longer than the kernel's limit is a loop
+        if os.path.realpath(current.parent).startswith("/proc/"):
+            return True
+        if not current.is_symlink():
+            return False
+        target = Path(os.readlink(current))
+        current = target if target.is_absolute() else current.parent / target
+    return False
+
+
 def write_target(path: Path) -> tuple[Path, bool]:
     """Where writing ``path`` lands, and whether it is replaced there by a rename.
 
     A symbolic link's target is replaced and the link kept. A device, FIFO or socket
-    (``/dev/null``, ``/dev/stdout``) is written in place: a rename would put a file where it was.
+    (``/dev/null``) and an open file's name (``/dev/stdout``, whatever it was redirected to) are
+    written in place, appending: a rename would put a new file where they were.
     """
     path = Path(path)
     try:
         mode = os.stat(path).st_mode  # follows links
     except OSError:  # not there yet (or a link to a file yet to be written)
         mode = None
-    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    special = mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    if special or _names_a_descriptor(path):
         return path, False
     return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    """Append ``data`` to a device, FIFO or open file's name (see :func:`write_target`)."""
+    flags = os.O_WRONLY | os.O_APPEND
+    try:
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        fifo = False
+    if fifo:  # no reader yet would block for ever: say so instead
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                raise OSError(err.errno, "no process is reading this FIFO", str(path)) from None
+            raise
+        os.set_blocking(fd, True)
+    else:
+        fd = os.open(path, flags)
+    with open(fd, "wb") as stream:
+        stream.write(data)
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` all at once: readers see the old file or the new, never a mix.
 
     The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``
-    (over the file a link points to; a device or FIFO is written in place, see
+    (over the file a link points to; a device, FIFO or ``/dev/stdout`` is written in place, see
     :func:`write_target`). Raises :class:`OSError`; the previous file, if any, is left as it was.
     """
     replace_all_atomically({Path(path): data})
 
 
 def replace_all_atomically(files: Mapping[Path, bytes]) -> None:
-    """:func:`replace_atomically` for several files, all or none: every temporary file is written
-    before the first rename, so a folder that cannot take one leaves every file as it was.
+    """:func:`replace_atomically` for several files, all or none as far as writing goes: every
+    temporary file is written before the first rename, so a full disk or a folder that takes no
+    files leaves every file as it was. (A rename refused after another succeeded, over a file
+    made immutable say, leaves the earlier files new.)
 
     Raises :class:`OSError` whose ``filename`` is the path given for the file at fault.
     """
@@ -108,31 +149,48 @@ def replace_all_atomically(files: Mapping[Path, bytes]) -> None:
     for given, data in files.items():
         target, replaceable = write_target(Path(given))
         if replaceable and target.is_dir():
-            raise IsADirectoryError(21, "Is a directory", str(given))
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(given))
         targets.append((given, target, replaceable, data))
-    temps: list[tuple[Path, Path]] = []
+    temps: list[tuple[Path, Path, Path]] = []
     try:
         for given, target, replaceable, data in targets:
             if replaceable:
                 try:
-                    temps.append((write_temporary(target.parent, target.name, data), target))
+                    temps.append((write_temporary(target.parent, target.name, data), target, given))
                 except OSError as err:
                     raise OSError(err.errno, err.strerror, str(given)) from None
         for given, target, replaceable, data in targets:
             if not replaceable:
                 try:
-                    with open(target, "wb") as stream:
-                        stream.write(data)
+                    _write_in_place(target, data)
                 except OSError as err:
                     raise OSError(err.errno, err.strerror, str(given)) from None
         while temps:
-            temp, target = temps[0]
-            os.replace(temp, target)
+            temp, target, given = temps[0]
+            try:
+                os.replace(temp, target)
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(given)) from None
             temps.pop(0)
             fsync_dir(target.parent)
     finally:
-        for temp, _ in temps:
+        for temp, _, _ in temps:
             temp.unlink(missing_ok=True)
+
+
+def check_can_write(path: Path) -> str | None:
+    """Why writing ``path`` would fail, or None when it should not: the folder where its file
+    lands (a link's target's) must take new files; a device or FIFO must be writable."""
+    target, replaceable = write_target(Path(path))
+    if not replaceable:
+        return None if os.access(target, os.W_OK) else "permission denied"
+    folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    problem = creation_problem(folder)
+    return None if problem is None else f"the folder {folder} is not writable ({problem})"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

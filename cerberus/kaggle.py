@@ -30,7 +30,7 @@ from cerberus import safe_pickle
 from cerberus.checkpoint import sidecar_path
 from cerberus.data import CLASSES
 from cerberus.errors import CerberusError, CheckpointError, ConfigError, DataError
-from cerberus.files import atomic_write, atomic_write_all, creation_problem
+from cerberus.files import atomic_write, atomic_write_all, check_can_write
 
 LAYOUTS = ("chw", "hwc")
 IMAGE_VALUES = 3 * 32 * 32
@@ -201,18 +201,13 @@ def _check_output(path: Path) -> None:
     """Refuse an output path whose folder is missing or read-only, or that would overwrite a file
     that is not a CSV (a checkpoint, say), before any work is done."""
     path = Path(path)
-    folder = path.parent
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give a file name for the CSV")
     if path.is_file() and _is_binary(path):
         raise ConfigError(f"{path} holds binary data (a checkpoint?), not a CSV; give another file name")
-    if folder.exists() and not folder.is_dir():
-        raise CerberusError(f"cannot write {path}: {folder} is a file, not a folder")
-    if not folder.is_dir():
-        raise CerberusError(f"cannot write {path}: the folder {folder} does not exist")
-    problem = creation_problem(folder)
+    problem = check_can_write(path)  # where it lands: a link's target, a device as it is
     if problem is not None:
-        raise CerberusError(f"cannot write {path}: the folder {folder} is not writable ({problem})")
+        raise CerberusError(f"cannot write {path}: {problem}")
 
 
 def _check_distinct(files: dict[str, Path | None]) -> None:

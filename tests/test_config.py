@@ -274,6 +274,18 @@ def test_an_inline_table_sets_its_keys_and_keeps_the_sections_others() -> None:
     }
 
 
+def test_an_inline_table_is_blamed_only_for_the_keys_it_lists(tmp_path: Path) -> None:
+    path = write(tmp_path, "[train]\nlr = -1.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train={epochs=1}"])
+    assert str(info.value).splitlines()[1:] == ["train.lr: Input should be greater than 0"]
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train={epochs=0, lr=0.1}"])
+    assert str(info.value).splitlines()[1:] == [
+        "train.epochs: Input should be greater than 0 (from --set train={epochs=0, lr=0.1})"
+    ]
+
+
 def test_override_through_a_value_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides({"model": {"blocks": [3]}}, ["model.blocks.first=2"])
