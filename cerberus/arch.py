@@ -219,7 +219,6 @@ def check_architecture(arch: Architecture) -> Architecture:
     return arch
 
 
-_RECORD_INTS = ("conv_kernel", "skip_kernel", "pool_size", "stem_channels", "num_classes", "stem_kernel")
 _RECORD_OPTIONAL = ("channels", "pool_size", "stem_channels")
 
 
