@@ -270,57 +270,48 @@ def test_signal_then_resume_equals_an_uninterrupted_run(
     assert_matches_reference(run, reference)
 
 
-IMPORT_INTERRUPTED = """
+INTERRUPT_AT_IMPORT = """
 import builtins, os, signal, sys
 real_import = builtins.__import__
 def interrupting(name, *args, **kwargs):
-    if name == "torch" and "torch" not in sys.modules:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as torch's import begins
+    if name == {module!r} and name not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the module's import begins
     return real_import(name, *args, **kwargs)
 builtins.__import__ = interrupting
+"""
+
+
+def interrupted_at_import(module: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python whose first import of ``module`` meets a Ctrl-C."""
+    return subprocess.run(
+        [sys.executable, "-c", INTERRUPT_AT_IMPORT.format(module=module) + code],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def test_a_ctrl_c_during_the_torch_import_arrives_once_it_is_done():
+    """torch's C++ start-up loses a SIGINT that lands inside it (the command would run on), so
+    the commands import torch with SIGINT held back: it arrives after the import instead."""
+    done = interrupted_at_import(
+        "torch",
+        """
 from cerberus.cli._app import import_torch
 try:
     import_torch()
 except KeyboardInterrupt:
     unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()
     print("KeyboardInterrupt; torch imported:", "torch" in sys.modules, "; SIGINT unblocked:", unblocked)
-"""
-
-
-def test_a_ctrl_c_during_the_torch_import_arrives_once_it_is_done():
-    """torch's C++ start-up loses a SIGINT that lands inside it (the command would run on), so
-    the commands import torch with SIGINT held back: it arrives after the import instead."""
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_INTERRUPTED],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+""",
     )
     assert done.stdout == "KeyboardInterrupt; torch imported: True ; SIGINT unblocked: True\n", done.stderr
 
 
-CLI_IMPORT_INTERRUPTED = """
-import builtins, os, signal, sys
-real_import = builtins.__import__
-def interrupting(name, *args, **kwargs):
-    if name == "typer" and "typer" not in sys.modules:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the command line's modules load
-    return real_import(name, *args, **kwargs)
-builtins.__import__ = interrupting
-sys.argv = ["cerberus", "--help"]
-from cerberus.entry import main  # what the console script and python -m cerberus run
-main()
-"""
-
-
 def test_a_ctrl_c_while_the_command_line_loads_is_an_interrupt_not_a_traceback():
-    done = subprocess.run(
-        [sys.executable, "-c", CLI_IMPORT_INTERRUPTED],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    done = interrupted_at_import(  # what the console script and python -m cerberus run
+        "typer", 'sys.argv = ["cerberus", "--help"]\nfrom cerberus.entry import main\nmain()\n'
     )
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
 
