@@ -243,6 +243,8 @@ class AugmentConfig(Section):
             raise ValueError("mix_prob applies to mixup and cutmix: set mixup_alpha or cutmix_alpha too")
         if self.flip_mode != "random" and not self.flip:
             raise ValueError(f"flip_mode = {self.flip_mode!r} needs flip = true")
+        if self.cutout_holes != type(self).model_fields["cutout_holes"].default and self.cutout_size == 0:
+            raise ValueError("cutout_holes applies to cutout: set cutout_size too")
         return self
 
 
@@ -364,6 +366,11 @@ class TrainConfig(Section):
             )
         if self.t_max is not None and self.schedule != "seed":
             raise ValueError(f"t_max applies to the seed schedule only, not {self.schedule!r}")
+        fields = type(self).model_fields
+        if self.gamma != fields["gamma"].default and self.schedule not in ("step", "seed"):
+            raise ValueError(f"gamma applies to the step and seed schedules, not {self.schedule!r}")
+        if self.onecycle_peak != fields["onecycle_peak"].default and self.schedule != "onecycle":
+            raise ValueError(f"onecycle_peak applies to the onecycle schedule only, not {self.schedule!r}")
         if self.prune_until != type(self).model_fields["prune_until"].default and self.prune_ratio == 0:
             raise ValueError("prune_until applies to data pruning only: set prune_ratio too")
         if self.prune_ratio > 0 and self.prune_until_epoch < 2:
@@ -380,7 +387,6 @@ class TrainConfig(Section):
             raise ValueError("nesterov needs a momentum above 0")
         # compared with the defaults, not model_fields_set: a run folder's config.toml lists every
         # field, and an SGD run's must load again as it is
-        fields = type(self).model_fields
         muon_settings = [k for k in ("muon_lr", "muon_momentum") if getattr(self, k) != fields[k].default]
         if muon_settings and self.optimizer != "muon":
             verb = "applies" if len(muon_settings) == 1 else "apply"

@@ -84,7 +84,6 @@ milestones = [20, 30]
 gamma = 0.2
 t_max = 35
 min_lr = 1e-5
-onecycle_peak = 0.3
 ema_decay = 0.999
 prune_ratio = 0.3
 prune_until = 0.5
@@ -127,7 +126,8 @@ def test_defaults_load() -> None:
 
 
 # Fields FULL_TOML leaves at their defaults: their other values conflict with the file's.
-FULL_TOML_UNSET = {"augment.flip_mode"}  # "alternate" needs flip = true, the default
+# "alternate" needs flip = true, the default; onecycle_peak, the onecycle schedule (FULL_TOML: seed)
+FULL_TOML_UNSET = {"augment.flip_mode", "train.onecycle_peak"}
 
 
 def same_value(loaded: object, written: object) -> bool:
@@ -349,6 +349,9 @@ def test_bare_word_for_a_number_is_refused() -> None:
         ({"train": {"milestones": [20, 10]}}, "milestones must be positive and increasing, got [20, 10]"),
         ({"train": {"milestones": [10], "schedule": "cosine"}}, "milestones apply to the step and seed"),
         ({"train": {"t_max": 20}}, "t_max applies to the seed schedule only, not 'cosine'"),
+        ({"train": {"gamma": 0.5}}, "gamma applies to the step and seed schedules, not 'cosine'"),
+        ({"train": {"onecycle_peak": 0.3}}, "onecycle_peak applies to the onecycle schedule only"),
+        ({"augment": {"cutout_holes": 3}}, "cutout_holes applies to cutout: set cutout_size too"),
         ({"train": {"lr": 0.1, "min_lr": 1.0}}, "min_lr (1.0) must not exceed lr (0.1)"),
         (
             {"train": {"optimizer": "adamw", "nesterov": True}},
