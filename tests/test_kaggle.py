@@ -338,6 +338,26 @@ def test_an_output_through_a_link_writes_the_linked_file_and_keeps_the_link(tmp_
     assert len(read_csv(tmp_path / "target.csv")) == N + 1
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_submission_to_stdout_is_the_csv_alone_the_report_going_to_stderr(tmp_path, weights, as_json):
+    import subprocess
+    import sys
+
+    source = layout_2024(tmp_path / "t.pkl")
+    args = ["predict", str(weights), "--input", str(source), "--output", "/dev/stdout", "-q"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cerberus", *args, *(["--json"] if as_json else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = list(csv.reader(done.stdout.splitlines()))
+    assert rows[0] == ["ID", "Labels"] and len(rows) == N + 1
+    report = json.loads(done.stderr)["output"] if as_json else done.stderr
+    assert "/dev/stdout" in report
+
+
 def test_an_output_that_is_a_fifo_is_written_into_not_replaced(tmp_path, weights):
     import os
     import threading

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import typer
@@ -151,8 +152,16 @@ def naming_flags(given: dict[str, Any]) -> Iterator[None]:
         raise
 
 
-def emit_json(data: Any) -> None:
-    typer.echo(to_json(data, indent=2))
+def emit_json(data: Any, err: bool = False) -> None:
+    typer.echo(to_json(data, indent=2), err=err)
+
+
+STDOUT_NAMES = frozenset({"/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
+
+
+def is_stdout(path: Path | None) -> bool:
+    """Whether ``path`` names standard output, where a command's own report must then not go."""
+    return path is not None and str(path) in STDOUT_NAMES
 
 
 PIPED_WIDTH = 200  # columns for tables written to a file or a pipe (rich would assume 80)

@@ -16,6 +16,7 @@ from cerberus.cli._app import (
     emit_json,
     handle_errors,
     import_torch,
+    is_stdout,
     naming_flags,
 )
 
@@ -323,11 +324,12 @@ def predict_command(
             batch_size=batch_size,
             progress=progress,
         )
+    report_to_stderr = is_stdout(output) or is_stdout(probs)  # the CSV itself goes to stdout
     if as_json:
-        emit_json(result)
+        emit_json(result, err=report_to_stderr)
         return
     _print_notes(result["notes"])
-    out = console()
+    out = console(stderr=report_to_stderr)
     views = f", TTA over {result['views']} views" if result["tta"] else ""
     out.print(
         f"wrote {result['images']:,} predictions to {result['output']} "
