@@ -560,13 +560,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def override_keys(overrides: list[str]) -> dict[str, str]:
     """Dotted key -> the ``--set`` text that sets it (the last one wins, as in apply_overrides).
 
-    An inline table counts for the keys it lists (``train={epochs=1}`` sets ``train.epochs``,
-    not the rest of ``[train]``).
+    An inline table for a section counts for the keys it lists (``train={epochs=1}`` sets
+    ``train.epochs``, not the rest of ``[train]``); one anywhere else replaces that value whole.
     """
     keys: dict[str, str] = {}
+    sections = {
+        name
+        for name, field in ExperimentConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+    }
 
     def add(key: str, value: Any, text: str) -> None:
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and key in sections:
             for inner, item in value.items():
                 add(f"{key}.{inner}", item, text)
         else:

@@ -7,8 +7,10 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import stat
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,8 +108,32 @@ def write_target(path: Path) -> tuple[Path, bool]:
     return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
 
 
+def own_descriptor(path: Path) -> int | None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout`` 1, ``/dev/stderr`` 2,
+    ``/dev/fd/N`` and ``/proc/self/fd/N`` N), or None."""
+    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    text = os.path.normpath(str(path))
+    if text in named:
+        return named[text]
+    match = re.fullmatch(rf"/(?:dev/fd|proc/self/fd|proc/{os.getpid()}/fd)/(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
 def _write_in_place(path: Path, data: bytes) -> None:
-    """Append ``data`` to a device, FIFO or open file's name (see :func:`write_target`)."""
+    """Append ``data`` to a device, FIFO or open file's name (see :func:`write_target`).
+
+    This process's own descriptors (``/dev/stdout``) are written through themselves, after what
+    Python buffered for them: a second opening would keep its own position in a redirected file,
+    and what the process wrote later would overwrite the data.
+    """
+    fd = own_descriptor(path)
+    if fd is not None:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        with open(os.dup(fd), "wb") as out:
+            out.write(data)
+        return
     flags = os.O_WRONLY | os.O_APPEND
     try:
         fifo = stat.S_ISFIFO(os.stat(path).st_mode)
@@ -178,11 +204,29 @@ def replace_all_atomically(files: Mapping[Path, bytes]) -> None:
             temp.unlink(missing_ok=True)
 
 
+def _descriptor_problem(fd: int) -> str | None:
+    """Why this process cannot write its descriptor ``fd``, or None."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: writing it will tell
+        return None
+    try:
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        return f"file descriptor {fd} is not open"
+    return None if access in (os.O_WRONLY, os.O_RDWR) else f"file descriptor {fd} is not open for writing"
+
+
 def check_can_write(path: Path) -> str | None:
     """Why writing ``path`` would fail, or None when it should not: the folder where its file
     lands (a link's target's) must take new files; a device or FIFO must be writable."""
     target, replaceable = write_target(Path(path))
     if not replaceable:
+        fd = own_descriptor(target)
+        if fd is not None:
+            return _descriptor_problem(fd)
+        if not target.exists():
+            return "no such file or device"
         return None if os.access(target, os.W_OK) else "permission denied"
     folder = target.parent
     if folder.exists() and not folder.is_dir():

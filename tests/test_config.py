@@ -284,6 +284,11 @@ def test_an_inline_table_is_blamed_only_for_the_keys_it_lists(tmp_path: Path) ->
     assert str(info.value).splitlines()[1:] == [
         "train.epochs: Input should be greater than 0 (from --set train={epochs=0, lr=0.1})"
     ]
+    # a table where a value goes replaces the value: the --set is to blame
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.lr={x=1}"])
+    blamed = "train.lr: Input should be a valid number (from --set train.lr={x=1})"
+    assert str(info.value).splitlines()[1:] == [blamed]
 
 
 def test_override_through_a_value_is_refused() -> None:

@@ -63,30 +63,63 @@ def test_a_link_is_written_through_and_kept(tmp_path):
     assert leftovers(tmp_path) == [] and leftovers(tmp_path / "real") == []
 
 
+FIFO_NOBODY_READS = """
+import sys
+from pathlib import Path
+from cerberus.errors import CerberusError
+from cerberus.files import atomic_write_all
+folder = Path(sys.argv[1])
+try:
+    atomic_write_all({folder / "out.csv": "x\\n", folder / "probs.csv": "y\\n"})
+except CerberusError as err:
+    print(err)
+"""
+
+
 def test_a_fifo_nobody_reads_is_an_error_not_a_hang(tmp_path):
     os.mkfifo(tmp_path / "out.csv")
-    with pytest.raises(CerberusError) as err:
-        atomic_write_all({tmp_path / "out.csv": "x\n", tmp_path / "probs.csv": "y\n"})
-    assert str(err.value) == f"could not write {tmp_path / 'out.csv'}: no process is reading this FIFO"
+    # in a subprocess with a time limit: were it to wait for a reader, it would wait for ever
+    done = subprocess.run(
+        [sys.executable, "-c", FIFO_NOBODY_READS, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout == f"could not write {tmp_path / 'out.csv'}: no process is reading this FIFO\n"
     assert (tmp_path / "out.csv").is_fifo() and not (tmp_path / "probs.csv").exists()
     assert leftovers(tmp_path) == []
 
 
 WRITE_TO_STDOUT = """
+import sys
 from cerberus.files import atomic_write
-print("before", flush=True)
+print("before")  # still buffered: it goes first all the same
 atomic_write("/dev/stdout", "ID,Labels\\n0,3\\n")
 print("after", flush=True)
+print("on stderr", file=sys.stderr, flush=True)
 """
 
 
 @pytest.mark.skipif(not Path("/dev/stdout").exists(), reason="needs /dev/stdout")
-def test_stdout_redirected_to_a_file_is_written_into_not_replaced(tmp_path):
+@pytest.mark.parametrize("mode", ["a", "w"])  # the shell's `>> log.txt 2>&1` and `> log.txt 2>&1`
+def test_stdout_redirected_to_a_file_is_written_into_in_order(tmp_path, mode):
     log = tmp_path / "log.txt"
     log.write_text("previous\n")
-    with open(log, "a") as stdout:  # the shell's `>> log.txt`
-        subprocess.run([sys.executable, "-c", WRITE_TO_STDOUT], stdout=stdout, check=True, timeout=60)
-    assert log.read_text() == "previous\nbefore\nID,Labels\n0,3\nafter\n"
+    with open(log, mode) as stdout:
+        subprocess.run(
+            [sys.executable, "-c", WRITE_TO_STDOUT], stdout=stdout, stderr=stdout, check=True, timeout=60
+        )
+    kept = "previous\n" if mode == "a" else ""
+    assert log.read_text() == kept + "before\nID,Labels\n0,3\nafter\non stderr\n"
+
+
+def test_this_processs_own_descriptors_are_checked_as_such():
+    assert check_can_write(Path("/dev/fd/987")) == "file descriptor 987 is not open"
+    read_end, write_end = os.pipe()
+    try:
+        reading = check_can_write(Path(f"/dev/fd/{read_end}"))
+        assert reading == f"file descriptor {read_end} is not open for writing"
+        assert check_can_write(Path(f"/proc/self/fd/{write_end}")) is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

@@ -156,12 +156,22 @@ def emit_json(data: Any, err: bool = False) -> None:
     typer.echo(to_json(data, indent=2), err=err)
 
 
-STDOUT_NAMES = frozenset({"/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
-
-
 def is_stdout(path: Path | None) -> bool:
-    """Whether ``path`` names standard output, where a command's own report must then not go."""
-    return path is not None and str(path) in STDOUT_NAMES
+    """Whether ``path`` is standard output (``/dev/stdout``, a link to it, the file it was
+    redirected to), where a command's own report must then not go."""
+    import os
+
+    from cerberus.files import own_descriptor
+
+    if path is None:
+        return False
+    if own_descriptor(path) == 1:
+        return True
+    try:
+        named, stdout = os.stat(path), os.fstat(1)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (stdout.st_dev, stdout.st_ino)
 
 
 PIPED_WIDTH = 200  # columns for tables written to a file or a pipe (rich would assume 80)
