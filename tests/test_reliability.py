@@ -829,3 +829,19 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monke
     assert result.exit_code == 2
     assert f"Error: Invalid value for '{flag}': an empty path" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["count-params", "--json"], ["count-params", "--blocks", "1", "1"]])
+def test_results_that_cannot_be_printed_are_one_error_line(args):
+    with open("/dev/full", "w") as full:  # the shell's `> /dev/full`: every write fails, disk full
+        done = subprocess.run(
+            [sys.executable, "-m", "cerberus", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+            text=True,
+            timeout=TIMEOUT,
+        )
+    message = "Error: could not write the output: No space left on device\n"
+    assert (done.returncode, done.stderr) == (1, message)
