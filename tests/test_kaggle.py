@@ -338,15 +338,16 @@ def test_an_output_through_a_link_writes_the_linked_file_and_keeps_the_link(tmp_
     assert len(read_csv(tmp_path / "target.csv")) == N + 1
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_a_submission_to_stdout_is_the_csv_alone_the_report_going_to_stderr(tmp_path, weights, as_json):
+@pytest.mark.parametrize(("as_json", "name"), [(False, "/dev/stdout"), (True, "/dev/stdout"), (False, "-")])
+def test_a_submission_to_stdout_is_the_csv_alone_the_report_going_to_stderr(tmp_path, weights, as_json, name):
     import subprocess
     import sys
 
     source = layout_2024(tmp_path / "t.pkl")
-    args = ["predict", str(weights), "--input", str(source), "--output", "/dev/stdout", "-q"]
+    args = ["predict", str(weights), "--input", str(source), "--output", name, "-q"]
     done = subprocess.run(
         [sys.executable, "-m", "cerberus", *args, *(["--json"] if as_json else [])],
+        cwd=tmp_path,  # where a file named "-" would land
         capture_output=True,
         text=True,
         timeout=120,
@@ -356,6 +357,7 @@ def test_a_submission_to_stdout_is_the_csv_alone_the_report_going_to_stderr(tmp_
     assert rows[0] == ["ID", "Labels"] and len(rows) == N + 1
     report = json.loads(done.stderr)["output"] if as_json else done.stderr
     assert "/dev/stdout" in report
+    assert not (tmp_path / "-").exists()
 
 
 def test_an_output_that_is_a_fifo_is_written_into_not_replaced(tmp_path, weights):

@@ -262,9 +262,9 @@ def predict_command(
     input_path: Annotated[
         Path, typer.Option("--input", help="The Kaggle test pickle (cifar_test_nolabel(s).pkl).")
     ],
-    output: Annotated[Path, typer.Option("--output", help="Submission CSV to write (ID,Labels).")] = Path(
-        "submission.csv"
-    ),
+    output: Annotated[
+        Path, typer.Option("--output", help="Submission CSV to write (ID,Labels); - for stdout.")
+    ] = Path("submission.csv"),
     layout: Annotated[
         str | None,
         typer.Option(help="Pixel order of the input: chw (N x 3072 rows) or hwc (default: from the shape)."),
@@ -299,6 +299,8 @@ def predict_command(
       cerberus predict best.pt --input test.pkl --output sub.csv --tta --probs probs.csv
       cerberus predict weights.pt --input test.pkl --downsample pool
     """
+    if str(output) == "-":  # the usual name for standard output
+        output = Path("/dev/stdout")
     import_torch()
     from cerberus.kaggle import predict_unlabeled
 
