@@ -344,6 +344,28 @@ def test_help_keeps_brackets_and_example_lines(runner: CliRunner) -> None:
     )
 
 
+def test_a_failed_run_ends_its_json_events_with_the_error(runner: CliRunner, tmp_path: Path, monkeypatch):
+    import cerberus.runner
+    from cerberus.errors import DivergenceError
+
+    def diverging_run(cfg, *, on_event, **_):
+        on_event({"event": "note", "message": "hello"})
+        raise DivergenceError("the training loss became non-finite at epoch 1, step 3: lower train.lr")
+
+    monkeypatch.setattr(cerberus.runner, "train_run", diverging_run)
+    config = tmp_path / "tiny.toml"
+    config.write_text("[model]\nblocks = [1, 1]\nchannels = [8, 16]\n")
+    result = runner.invoke(app, ["train", str(config), "--json"])
+    assert result.exit_code == 1
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    message = "the training loss became non-finite at epoch 1, step 3: lower train.lr"
+    assert events == [
+        {"event": "note", "message": "hello"},
+        {"event": "error", "message": message, "exit_code": 1},
+    ]
+    assert result.stderr == f"Error: {message}\n"
+
+
 def test_piped_train_output_is_plain_lines(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
     import cerberus.runner
 

@@ -279,4 +279,7 @@ def train_command(
             # Under torchrun, rank 0 reports every rank's error: one message, not one per process.
             # A process that finds another gone says so itself: that one may be rank 0.
             raise typer.Exit(err.exit_code) from None
+        if isinstance(err, CerberusError) and as_json and sink is not None:
+            # the event stream says how it ends, as stderr's Error: line does
+            sink({"event": "error", "message": str(err), "exit_code": err.exit_code})
         raise
