@@ -339,6 +339,25 @@ def _not_found(folder: Path) -> str:
 # Loading
 
 
+def check_available(root: str | Path, download: bool) -> tuple[Path, Path]:
+    """``(root, folder)``: where CIFAR-10 is, or is to be downloaded to (``root`` may be the
+    ``cifar-10-batches-py`` folder itself). Raises the :class:`DataError` that loading would,
+    without reading anything, when it is not there and ``download`` is off, or when a file
+    stands where a folder should."""
+    root = Path(root).expanduser()
+    folder = root / FOLDER
+    if not folder.exists() and (root / META_FILE).is_file():  # pointed at the batches folder itself
+        root, folder = root.parent, root
+    if not folder.is_dir():
+        if root.exists() and not root.is_dir():
+            raise DataError(f"{root.absolute()} is a file, not a folder holding {FOLDER}/")
+        if folder.exists():
+            raise DataError(f"{folder.absolute()} is a file, not the CIFAR-10 folder")
+        if not download:
+            raise DataError(_not_found(folder))
+    return root, folder
+
+
 def load_cifar10(
     root: str | Path, *, download: bool = True, url: str | None = None, split: str = "all"
 ) -> Cifar10:
@@ -352,17 +371,8 @@ def load_cifar10(
     """
     if split not in ("all", "train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
-    root = Path(root).expanduser()
-    folder = root / FOLDER
-    if not folder.exists() and (root / META_FILE).is_file():  # pointed at the batches folder itself
-        root, folder = root.parent, root
+    root, folder = check_available(root, download)
     if not folder.is_dir():
-        if root.exists() and not root.is_dir():
-            raise DataError(f"{root.absolute()} is a file, not a folder holding {FOLDER}/")
-        if folder.exists():
-            raise DataError(f"{folder.absolute()} is a file, not the CIFAR-10 folder")
-        if not download:
-            raise DataError(_not_found(folder))
         _download(root, _as_url(resolve_url(url)))
 
     classes = _read_classes(folder)

@@ -1049,13 +1049,14 @@ def test_a_data_error_stops_the_search_and_keeps_the_results(tmp_path) -> None:
     ]
 
 
-def test_no_dataset_stops_the_search_with_its_message(tmp_path) -> None:
-    # the real runner, no CIFAR-10 and no download: the message reaches the user and the trial
+def test_no_dataset_stops_the_search_with_its_message_before_the_study_is_made(tmp_path) -> None:
+    # the real runner, no CIFAR-10 and no download: every trial would fail on it, so the search
+    # says so before it creates its folder and study
     overrides = ["train.epochs=1", "data.download=false", "train.device=cpu"]
-    with pytest.raises(DataError, match="CIFAR-10 not found") as err:
-        trials(tmp_path, None, n=2, overrides=overrides, data_dir=str(tmp_path / "empty"))
-    (record,) = json.loads((tmp_path / "search" / "leaderboard.json").read_text())["leaderboard"]
-    assert record["state"] == "failed" and record["note"] == str(err.value)
+    empty = tmp_path / "empty"
+    with pytest.raises(DataError, match=rf"CIFAR-10 not found: {empty}/cifar-10-batches-py/ does not exist"):
+        trials(tmp_path, None, n=2, overrides=overrides, data_dir=str(empty))
+    assert not (tmp_path / "search").exists()
 
 
 def test_cli_reports_a_data_error_after_writing_the_results(tmp_path, monkeypatch) -> None:

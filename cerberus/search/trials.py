@@ -535,6 +535,12 @@ def run_trials(
                 f"no design of the search space fits the {space.max_params:,}-parameter budget (the "
                 f"smallest has {smallest_params(space):,}); raise the budget or search smaller designs"
             )
+    if trials and train_fn is None:  # data that is not there fails every trial: say so first
+        from cerberus.config import DataConfig
+        from cerberus.data import check_available, resolve_data_root
+
+        data = DataConfig.model_validate(trial_data.get("data", {}))  # checked by trial_base already
+        check_available(resolve_data_root(data_dir, data.root), data.download)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(study_name)
 
     def make_out_dir() -> None:
