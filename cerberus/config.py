@@ -371,7 +371,7 @@ class TrainConfig(Section):
             raise ValueError(f"gamma applies to the step and seed schedules, not {self.schedule!r}")
         if self.onecycle_peak != fields["onecycle_peak"].default and self.schedule != "onecycle":
             raise ValueError(f"onecycle_peak applies to the onecycle schedule only, not {self.schedule!r}")
-        if self.prune_until != type(self).model_fields["prune_until"].default and self.prune_ratio == 0:
+        if self.prune_until != fields["prune_until"].default and self.prune_ratio == 0:
             raise ValueError("prune_until applies to data pruning only: set prune_ratio too")
         if self.prune_ratio > 0 and self.prune_until_epoch < 2:
             raise ValueError(

@@ -1,24 +1,21 @@
 """The ``cerberus`` console script and ``python -m cerberus``.
 
 This module imports nothing of Cerberus' until :func:`main` runs, so that a Ctrl-C landing while
-the command line's modules load is an interrupt like any other (exit 130), never a traceback;
-results that cannot be printed (a full disk) are one error line too.
+the command line's modules load is an interrupt like any other (exit 130), never a traceback.
+Results that cannot be printed (a full disk) are one error line: see
+:func:`cerberus.cli.output_failures`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 
 def main() -> None:
     """Console-script entry point."""
-    import errno
-
     try:
-        from cerberus.cli import app
+        from cerberus.cli import app, output_failures
 
-        app(prog_name="cerberus")
+        with output_failures():
+            app(prog_name="cerberus")
     except KeyboardInterrupt:  # one that no command caught: still an interrupt, exit 130
         raise SystemExit(130) from None
     except RuntimeError as err:
@@ -27,18 +24,3 @@ def main() -> None:
         if isinstance(err.__cause__, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
-    except OSError as err:
-        # Library writes report their own failures; one that reaches here came from printing the
-        # results (stdout on a full disk, `> /dev/full`): one line, not a traceback.
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-            raise
-        _silence_stdout()  # what is still buffered would fail again at exit
-        where = err.filename or "the output"
-        print(f"Error: could not write {where}: {err.strerror}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def _silence_stdout() -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)

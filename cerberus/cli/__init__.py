@@ -9,7 +9,7 @@ exit code, never a traceback. Heavy imports (torch above all) happen inside comm
 from __future__ import annotations
 
 from cerberus.cli import count, evaluate, search, train  # noqa: F401  (each registers its command)
-from cerberus.cli._app import app
+from cerberus.cli._app import app, output_failures
 from cerberus.entry import main
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "output_failures"]

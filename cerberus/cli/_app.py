@@ -152,6 +152,32 @@ def naming_flags(given: dict[str, Any]) -> Iterator[None]:
         raise
 
 
+def silence_stdout() -> None:
+    """Point stdout at the null device: what is still buffered goes there, at exit too."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def output_failures() -> Iterator[None]:
+    """Results that cannot be printed (stdout on a full disk, ``> /dev/full``) are one error line
+    and exit 1, not a traceback. Library writes report their own failures; only printing is left."""
+    import errno
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        silence_stdout()  # what is still buffered would fail again at exit
+        typer.echo(f"Error: could not write {err.filename or 'the output'}: {err.strerror}", err=True)
+        raise SystemExit(1) from None
+
+
 def emit_json(data: Any, err: bool = False) -> None:
     typer.echo(to_json(data, indent=2), err=err)
 

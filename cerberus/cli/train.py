@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cerberus.cli._app import MultiValueCommand, app, handle_errors, import_torch
+from cerberus.cli._app import MultiValueCommand, app, handle_errors, import_torch, silence_stdout
 from cerberus.errors import ConfigError
 from cerberus.files import to_json
 
@@ -37,7 +36,7 @@ class TrainDisplay:
         class Display(Console):
             def on_broken_pipe(self) -> None:  # rich would exit: the run goes on, unseen
                 self.quiet = True
-                _silence_stdout()
+                silence_stdout()
 
         self.console = Display(stderr=False, highlight=False, soft_wrap=True)
         self.quiet = quiet or not self.console.is_terminal
@@ -158,13 +157,6 @@ def json_lines(event: dict[str, Any]) -> None:
 REPORT_WAIT_SECONDS = 3.0
 
 
-def _silence_stdout() -> None:
-    """Point stdout at the null device: what is still buffered goes there, at exit too."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 def survive_closed_stdout(sink: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
     """``sink``, silenced once the reader of stdout goes away (``| head``, a closed pipe) rather
     than ending the run there: training goes on and writes its checkpoints and files."""
@@ -178,7 +170,7 @@ def survive_closed_stdout(sink: Callable[[dict[str, Any]], None]) -> Callable[[d
             sink(event)
         except BrokenPipeError:
             closed = True
-            _silence_stdout()
+            silence_stdout()
 
     return emit
 
